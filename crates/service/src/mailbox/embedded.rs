@@ -1,0 +1,1 @@
+//! The embedded mailbox: fjall in `data_dir`, with group commit.
