@@ -30,3 +30,7 @@ pub mod mailbox;
 pub mod presence;
 pub mod server;
 pub mod telemetry;
+pub mod api;
+pub mod error;
+pub mod realtime;
+pub mod router;

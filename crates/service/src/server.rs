@@ -1,9 +1,279 @@
 //! Wiring, start and graceful shutdown.
+//!
+//! [`Server::start`] opens the backends, binds the listeners of the roles
+//! this process runs and spawns the background tasks. [`Server::stop`] stops
+//! accepting, closes WebSockets with 1001, waits for in-flight work up to
+//! `shutdown.grace_period`, then closes the mailbox, which finishes its
+//! in-flight commits.
 
-use crate::config::Config;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{self, AppState, OriginPolicy};
+use crate::auth::Verifier;
+use crate::bus::DeliveryBus;
+use crate::bus::memory::MemoryBus;
+use crate::config::{Config, Role, RunMode};
+use crate::mailbox::embedded::EmbeddedMailbox;
+use crate::mailbox::{Mailbox, MailboxSettings};
+use crate::presence::memory::MemoryPresence;
+use crate::presence::{InstanceId, Presence};
+use crate::realtime::{self, Hub, RealtimeState};
+use crate::router::Router;
+use crate::telemetry;
+
+/// How often rate-limit state of idle users is dropped.
+const LIMITER_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+/// The longest pause between two TTL sweeps.
+const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A running server.
+pub struct Server {
+    /// The HTTP API's bound address, when this process runs the `api` role.
+    pub api_addr: Option<SocketAddr>,
+    /// The WebSocket server's bound address, when it runs the `websocket` role.
+    pub websocket_addr: Option<SocketAddr>,
+    /// This process's instance id.
+    pub instance_id: InstanceId,
+    shutdown: CancellationToken,
+    servers: JoinSet<std::io::Result<()>>,
+    connections: TaskTracker,
+    background: TaskTracker,
+    mailbox: Arc<dyn Mailbox>,
+    grace_period: Duration,
+}
+
+impl Server {
+    /// Opens the backends, binds the listeners and starts serving.
+    pub async fn start(config: Config) -> anyhow::Result<Self> {
+        if config.run_mode == RunMode::Cluster {
+            // TODO: PostgreSQL, Redis and NATS backends are not built yet, so
+            // cluster mode cannot start.
+            anyhow::bail!(
+                "run_mode: cluster is not available in this release; use run_mode: local"
+            );
+        }
+        let config = Arc::new(config);
+        let instance_id: InstanceId = if config.instance_id.is_empty() {
+            uuid::Uuid::now_v7().simple().to_string().into()
+        } else {
+            config.instance_id.as_str().into()
+        };
+
+        let mailbox = open_mailbox(&config).await?;
+        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
+        let bus: Arc<dyn DeliveryBus> = Arc::new(MemoryBus::new());
+        let router = Arc::new(Router::new(mailbox.clone(), presence, bus.clone(), &config.limits));
+        let verifier = Arc::new(Verifier::new(&config).context("auth configuration")?);
+        let app = AppState {
+            router: router.clone(),
+            verifier,
+            config: config.clone(),
+            metrics: telemetry::metrics_handle(),
+            origins: Arc::new(OriginPolicy::new(&config.cors.allowed_origins)),
+        };
+
+        let shutdown = CancellationToken::new();
+        let background = TaskTracker::new();
+        let connections = TaskTracker::new();
+        let mut servers = JoinSet::new();
+        let mut api_addr = None;
+        let mut websocket_addr = None;
+
+        if config.roles.contains(&Role::Api) {
+            let listener = bind(&config, config.api_port, "api").await?;
+            api_addr = Some(listener.local_addr()?);
+            let app = api::router(app.clone());
+            servers.spawn(serve_http(listener, app, shutdown.clone()));
+        }
+        if config.roles.contains(&Role::Websocket) {
+            let hub = Arc::new(Hub::new(
+                config.websocket.max_connections,
+                config.websocket.max_connections_per_user,
+            ));
+            let mut deliveries = bus.subscribe(&instance_id).await?;
+            let dispatcher = hub.clone();
+            background.spawn(async move {
+                while let Some(event) = deliveries.recv().await {
+                    dispatcher.dispatch(event);
+                }
+            });
+            let state = RealtimeState {
+                app: app.clone(),
+                hub,
+                instance_id: instance_id.clone(),
+                shutdown: shutdown.clone(),
+                tasks: connections.clone(),
+            };
+            let listener = bind(&config, config.websocket_port, "websocket").await?;
+            websocket_addr = Some(listener.local_addr()?);
+            servers.spawn(serve_http(listener, realtime::router(state), shutdown.clone()));
+        }
+
+        spawn_maintenance(&background, &router, &mailbox, &config, &shutdown);
+        tracing::info!(
+            instance_id = %instance_id,
+            api = ?api_addr,
+            websocket = ?websocket_addr,
+            data_dir = %config.data_dir.display(),
+            "routing-service started"
+        );
+        Ok(Self {
+            api_addr,
+            websocket_addr,
+            instance_id,
+            shutdown,
+            servers,
+            connections,
+            background,
+            mailbox,
+            grace_period: config.shutdown.grace_period,
+        })
+    }
+
+    /// A token that stops the server when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Waits until the shutdown token is cancelled, then shuts down gracefully.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.shutdown.cancelled().await;
+        self.stop().await
+    }
+
+    /// Shuts down gracefully: stop accepting, close WebSockets with 1001,
+    /// wait for in-flight work, then close the mailbox.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        tracing::info!("shutting down");
+        self.shutdown.cancel();
+        self.connections.close();
+        self.background.close();
+
+        let grace = self.grace_period;
+        let drained = tokio::time::timeout(grace, async {
+            while let Some(result) = self.servers.join_next().await {
+                if let Ok(Err(err)) = result {
+                    tracing::error!(error = %err, "server failed");
+                }
+            }
+            self.connections.wait().await;
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(grace_period = ?grace, "in-flight work did not finish within the grace period");
+            self.servers.abort_all();
+        }
+
+        self.mailbox.close().await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.background.wait()).await;
+        tracing::info!("shutdown complete");
+        Ok(())
+    }
+}
+
+async fn open_mailbox(config: &Config) -> anyhow::Result<Arc<dyn Mailbox>> {
+    let settings = MailboxSettings {
+        max_stored_per_user: config.limits.max_stored_per_user,
+        message_ttl: config.limits.message_ttl,
+        dedupe_window: config.limits.dedupe_window,
+    };
+    let dir = config.data_dir.clone();
+    std::fs::create_dir_all(&dir)
+        .with_context(|| format!("cannot create data_dir {}", dir.display()))?;
+    let mailbox = EmbeddedMailbox::open(&dir, settings)
+        .with_context(|| format!("cannot open the mailbox in data_dir {}", dir.display()))?;
+    Ok(Arc::new(mailbox))
+}
+
+async fn bind(config: &Config, port: u16, role: &str) -> anyhow::Result<TcpListener> {
+    let address = SocketAddr::new(config.bind_address, port);
+    TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot bind the {role} server to {address}"))
+}
+
+async fn serve_http(
+    listener: TcpListener,
+    app: axum::Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown.cancelled_owned())
+        .await
+}
+
+fn spawn_maintenance(
+    tasks: &TaskTracker,
+    router: &Arc<Router>,
+    mailbox: &Arc<dyn Mailbox>,
+    config: &Config,
+    shutdown: &CancellationToken,
+) {
+    let every = (config.limits.message_ttl / 10).clamp(Duration::from_millis(100), MAX_EXPIRY_INTERVAL);
+    let mailbox = mailbox.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match mailbox.expire(SystemTime::now()).await {
+                Ok(0) => {}
+                Ok(expired) => {
+                    metrics::counter!(telemetry::MESSAGES_EXPIRED).increment(expired);
+                    tracing::info!(expired, "expired messages deleted");
+                }
+                Err(err) => tracing::warn!(error = %err, "TTL sweep failed; retrying later"),
+            }
+        }
+    });
+
+    let router = router.clone();
+    let stop = shutdown.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(LIMITER_CLEANUP_INTERVAL);
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => router.forget_idle_senders(),
+            }
+        }
+    });
+}
 
 /// Runs the servers that `roles` names until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
-    let _ = config;
-    anyhow::bail!("not wired yet")
+    let server = Server::start(config).await?;
+    let token = server.shutdown_token();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        token.cancel();
+    });
+    server.wait().await
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing a SIGTERM handler succeeds");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }

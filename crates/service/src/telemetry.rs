@@ -1,6 +1,40 @@
-//! Logging and metrics.
+//! Logging and metrics. Metric names are constants here so the code and the
+//! docs use one spelling; every name starts with `routing_`.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
+
+/// Messages answered 202 or `sent`, duplicates included.
+pub const MESSAGES_ACCEPTED: &str = "routing_messages_accepted_total";
+/// Messages newly written to a mailbox.
+pub const MESSAGES_STORED: &str = "routing_messages_stored_total";
+/// Sends that were duplicates of a stored message and stored nothing.
+pub const MESSAGES_DUPLICATE: &str = "routing_messages_duplicate_total";
+/// Messages written to a WebSocket, labelled `path` = `live` or `backlog`.
+pub const MESSAGES_DELIVERED: &str = "routing_messages_delivered_total";
+/// Messages deleted by an ack.
+pub const MESSAGES_ACKNOWLEDGED: &str = "routing_messages_acknowledged_total";
+/// Messages deleted because their TTL passed.
+pub const MESSAGES_EXPIRED: &str = "routing_messages_expired_total";
+/// Rejected sends, labelled `reason` with the error code.
+pub const MESSAGES_REJECTED: &str = "routing_messages_rejected_total";
+/// Deliveries the bus could not publish; the message stays in the mailbox.
+pub const MESSAGES_DEAD_LETTERED: &str = "routing_messages_dead_lettered_total";
+/// Open WebSocket connections on this instance.
+pub const CONNECTIONS_OPEN: &str = "routing_connections_open";
+/// Seconds from acceptance to the write on a WebSocket.
+pub const DELIVERY_LATENCY: &str = "routing_delivery_latency_seconds";
+/// Seconds per backend call, labelled `backend` and `operation`.
+pub const BACKEND_CALL_DURATION: &str = "routing_backend_call_duration_seconds";
+/// Failed backend calls, labelled `backend` and `operation`.
+pub const BACKEND_ERRORS: &str = "routing_backend_errors_total";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
+];
 
 /// Installs the global `tracing` subscriber; the level comes from `RUST_LOG`.
 pub fn init_logging(format: LogFormat) {
@@ -11,4 +45,40 @@ pub fn init_logging(format: LogFormat) {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
+}
+
+/// Installs the Prometheus recorder once per process and returns its handle.
+/// Several servers in one process (as in tests) share it.
+pub fn metrics_handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets(LATENCY_BUCKETS)
+                .expect("the bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed by an embedding
+            // program; then this handle renders nothing, which is harmless.
+            let _ = metrics::set_global_recorder(recorder);
+            describe_metrics();
+            handle
+        })
+        .clone()
+}
+
+fn describe_metrics() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(MESSAGES_ACCEPTED, "Messages answered 202 or sent, duplicates included.");
+    describe_counter!(MESSAGES_STORED, "Messages newly written to a mailbox.");
+    describe_counter!(MESSAGES_DUPLICATE, "Sends answered as an earlier identical message.");
+    describe_counter!(MESSAGES_DELIVERED, "Messages written to a WebSocket, by path.");
+    describe_counter!(MESSAGES_ACKNOWLEDGED, "Messages deleted by an ack.");
+    describe_counter!(MESSAGES_EXPIRED, "Messages deleted because their TTL passed.");
+    describe_counter!(MESSAGES_REJECTED, "Rejected sends, by error code.");
+    describe_counter!(MESSAGES_DEAD_LETTERED, "Deliveries the bus could not publish.");
+    describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections.");
+    describe_histogram!(DELIVERY_LATENCY, "Seconds from acceptance to the WebSocket write.");
+    describe_histogram!(BACKEND_CALL_DURATION, "Seconds per backend call.");
+    describe_counter!(BACKEND_ERRORS, "Failed backend calls.");
 }

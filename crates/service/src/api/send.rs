@@ -1,0 +1,38 @@
+//! `POST /send`: accepts one envelope.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, StatusCode};
+use bytes::Bytes;
+use routing_protocol::{ErrorCode, SendResponse, WireEnvelope};
+
+use super::AppState;
+use super::extract::{AuthUser, body_error, parse_json, require_json};
+use crate::error::ApiError;
+
+/// Accepts an envelope; answers 202 once it is stored.
+pub async fn send(
+    State(state): State<AppState>,
+    AuthUser(identity): AuthUser,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
+    require_json(&headers)?;
+    let limit = state.config.limits.max_envelope_bytes;
+    let body = body.map_err(|rejection| body_error(rejection, limit))?;
+    if body.len() > limit {
+        return Err(ApiError::new(
+            ErrorCode::TooLarge,
+            format!("the envelope is {} bytes; the limit is {limit} bytes", body.len()),
+        ));
+    }
+
+    let wire: WireEnvelope = parse_json(&body, ErrorCode::InvalidEnvelope)?;
+    let accepted = state.router.accept(&identity.user, wire).await?;
+    let response = SendResponse {
+        message_id: accepted.message_id,
+        recipient_id: accepted.recipient.as_str().to_owned(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(response)))
+}

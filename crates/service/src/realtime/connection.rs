@@ -1,0 +1,362 @@
+//! One WebSocket connection: the stored backlog, then live messages, in seq
+//! order with no duplicate, within the `max_unacked` window.
+//!
+//! The connection registers in the hub before it reads the mailbox, so a
+//! message stored after the read arrives live. It tracks `sent_through`, the
+//! highest seq it wrote: a live message at or below it is a duplicate and is
+//! dropped; one above `sent_through + 1`, a full window or a lagged queue
+//! switch the connection to catching up, which reads the mailbox from
+//! `sent_through` until it reaches the end.
+
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use routing_protocol::frame::{close_code, message_frame_json};
+use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
+
+use super::RealtimeState;
+use super::hub::{LiveMessage, Registration};
+use crate::auth::Identity;
+use crate::error::ApiError;
+use crate::mailbox::AckTarget;
+use crate::router::{format_received_at, unix_millis};
+use crate::telemetry;
+
+/// Messages read from the mailbox per page while catching up.
+const BACKLOG_PAGE: usize = 256;
+/// Consecutive frames that are not of this protocol before the server closes with 1008.
+const MAX_BAD_FRAMES: u32 = 3;
+/// Consecutive rate-limited sends before the server closes with 4029.
+const MAX_RATE_LIMITED: u32 = 20;
+/// How long the server waits to deliver its close frame. A slow consumer's
+/// close frame waits behind the frames already queued, so this is generous.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why the connection loop ended.
+struct Closing {
+    code: u16,
+    reason: &'static str,
+}
+
+impl Closing {
+    fn new(code: u16, reason: &'static str) -> Self {
+        Self { code, reason }
+    }
+
+    /// The peer is gone or the socket failed; no close frame can be sent.
+    fn gone() -> Self {
+        Self { code: 0, reason: "" }
+    }
+}
+
+struct Connection {
+    state: RealtimeState,
+    user: Address,
+    sink: SplitSink<WebSocket, Message>,
+    /// Seqs written and not yet acknowledged, oldest first.
+    in_flight: VecDeque<u64>,
+    sent_through: u64,
+    catching_up: bool,
+    bad_frames: u32,
+    rate_limited: u32,
+    last_seen: Instant,
+}
+
+/// Runs a connection until the client leaves, the token expires, or the
+/// server shuts down.
+pub async fn run(socket: WebSocket, identity: Identity, registration: Registration, state: RealtimeState) {
+    let connection_id = format!("{}-{}", state.instance_id, registration.id());
+    let user = identity.user.clone();
+    let (sink, stream) = socket.split();
+
+    metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
+    let presence = state.app.router.presence().clone();
+    if let Err(err) = presence.register(&user, &state.instance_id).await {
+        tracing::warn!(error = %err, "presence register failed; live delivery to this connection may lag");
+    }
+    tracing::debug!(user = %user, connection_id, "connection opened");
+
+    let mut connection = Connection {
+        state: state.clone(),
+        user: user.clone(),
+        sink,
+        in_flight: VecDeque::new(),
+        sent_through: 0,
+        catching_up: true,
+        bad_frames: 0,
+        rate_limited: 0,
+        last_seen: Instant::now(),
+    };
+    let closing = connection.serve(stream, registration, &identity, &connection_id).await;
+    connection.close(closing).await;
+
+    if let Err(err) = presence.unregister(&user, &state.instance_id).await {
+        tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
+    }
+    metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
+    tracing::debug!(user = %user, connection_id, "connection closed");
+}
+
+impl Connection {
+    async fn serve(
+        &mut self,
+        mut stream: SplitStream<WebSocket>,
+        mut registration: Registration,
+        identity: &Identity,
+        connection_id: &str,
+    ) -> Closing {
+        let welcome = ServerFrame::Welcome {
+            user_id: self.user.as_str().to_owned(),
+            connection_id: connection_id.to_owned(),
+        };
+        if let Err(closing) = self.write_frame(&welcome).await {
+            return closing;
+        }
+
+        let expires_at = identity.expires_at.saturating_add(self.state.app.verifier.leeway());
+        let token_deadline = deadline_at(expires_at);
+        let ping_interval = self.state.app.config.websocket.ping_interval;
+        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        let shutdown = self.state.shutdown.clone();
+        let signals = registration.signals.clone();
+
+        loop {
+            let wants_backlog = self.catching_up && self.window_room() > 0;
+            let step = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
+                () = tokio::time::sleep_until(token_deadline) => {
+                    Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"))
+                }
+                incoming = stream.next() => self.on_incoming(incoming).await,
+                () = signals.notify.notified() => {
+                    self.on_signals(&registration);
+                    Ok(())
+                }
+                Some(live) = registration.queue.recv() => self.on_live(live).await,
+                _ = ping.tick() => self.on_ping_tick(ping_interval).await,
+                result = std::future::ready(()), if wants_backlog => {
+                    let () = result;
+                    self.send_backlog_page().await
+                }
+            };
+            if let Err(closing) = step {
+                return closing;
+            }
+        }
+    }
+
+    fn window_room(&self) -> usize {
+        self.state.app.config.websocket.max_unacked.saturating_sub(self.in_flight.len())
+    }
+
+    fn on_signals(&mut self, registration: &Registration) {
+        let acked = registration.signals.acked.load(Ordering::Acquire);
+        self.apply_ack(acked);
+        if registration.signals.lagged.swap(false, Ordering::AcqRel) {
+            self.catching_up = true;
+        }
+    }
+
+    /// Records that everything up to `up_to` is acknowledged.
+    fn apply_ack(&mut self, up_to: u64) {
+        while self.in_flight.front().is_some_and(|&seq| seq <= up_to) {
+            self.in_flight.pop_front();
+        }
+        // Messages acknowledged on another connection need not be written here.
+        self.sent_through = self.sent_through.max(up_to);
+    }
+
+    async fn on_live(&mut self, live: LiveMessage) -> Result<(), Closing> {
+        if self.catching_up || live.seq <= self.sent_through {
+            return Ok(());
+        }
+        if live.seq != self.sent_through + 1 || self.window_room() == 0 {
+            self.catching_up = true;
+            return Ok(());
+        }
+        self.write(Message::Text(live.frame)).await?;
+        self.flush().await?;
+        self.record_sent(live.seq, live.received_at_ms, "live");
+        Ok(())
+    }
+
+    async fn send_backlog_page(&mut self) -> Result<(), Closing> {
+        let limit = self.window_room().min(BACKLOG_PAGE);
+        let messages = match self.state.app.router.read(&self.user, self.sent_through, limit).await {
+            Ok(messages) => messages,
+            Err(err) => {
+                tracing::warn!(error = %err, "backlog read failed; closing so the client reconnects");
+                return Err(Closing::new(close_code::GOING_AWAY, "message store unavailable"));
+            }
+        };
+        if messages.len() < limit {
+            self.catching_up = false;
+        }
+        if messages.is_empty() {
+            return Ok(());
+        }
+        for message in &messages {
+            let received_at = format_received_at(message.received_at_ms);
+            let frame = message_frame_json(message.seq, &received_at, &message.envelope_json);
+            self.write(Message::Text(frame.into())).await?;
+        }
+        self.flush().await?;
+        for message in &messages {
+            self.record_sent(message.seq, message.received_at_ms, "backlog");
+        }
+        Ok(())
+    }
+
+    fn record_sent(&mut self, seq: u64, received_at_ms: u64, path: &'static str) {
+        self.sent_through = seq;
+        self.in_flight.push_back(seq);
+        metrics::counter!(telemetry::MESSAGES_DELIVERED, "path" => path).increment(1);
+        let now = unix_millis(SystemTime::now());
+        let latency = now.saturating_sub(received_at_ms) as f64 / 1000.0;
+        metrics::histogram!(telemetry::DELIVERY_LATENCY).record(latency);
+    }
+
+    async fn on_ping_tick(&mut self, interval: Duration) -> Result<(), Closing> {
+        if self.last_seen.elapsed() > interval * 2 {
+            return Err(Closing::new(close_code::POLICY, "no pong within two ping intervals"));
+        }
+        self.write(Message::Ping(bytes::Bytes::new())).await?;
+        self.flush().await
+    }
+
+    async fn on_incoming(
+        &mut self,
+        incoming: Option<Result<Message, axum::Error>>,
+    ) -> Result<(), Closing> {
+        let message = match incoming {
+            None => return Err(Closing::gone()),
+            Some(Ok(message)) => message,
+            Some(Err(err)) => return Err(read_error_closing(err)),
+        };
+        self.last_seen = Instant::now();
+        match message {
+            Message::Text(text) => self.on_text(&text).await,
+            Message::Binary(_) => {
+                let error = ApiError::new(ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames");
+                self.on_bad_frame(error).await
+            }
+            Message::Ping(_) | Message::Pong(_) => Ok(()),
+            Message::Close(_) => Err(Closing::new(close_code::NORMAL, "")),
+        }
+    }
+
+    async fn on_text(&mut self, text: &str) -> Result<(), Closing> {
+        let frame = match serde_json::from_str::<ClientFrame>(text) {
+            Ok(frame) => frame,
+            Err(err) => {
+                let error = crate::api::json_error(&err, ErrorCode::InvalidRequest);
+                return self.on_bad_frame(error).await;
+            }
+        };
+        self.bad_frames = 0;
+        match frame {
+            ClientFrame::Ping => self.write_frame(&ServerFrame::Pong).await,
+            ClientFrame::Ack { up_to_seq } => self.on_ack(up_to_seq).await,
+            ClientFrame::Send { envelope } => self.on_send(envelope).await,
+        }
+    }
+
+    async fn on_bad_frame(&mut self, error: ApiError) -> Result<(), Closing> {
+        self.bad_frames += 1;
+        self.write_error(error, None).await?;
+        if self.bad_frames >= MAX_BAD_FRAMES {
+            return Err(Closing::new(close_code::POLICY, "three invalid frames in a row"));
+        }
+        Ok(())
+    }
+
+    async fn on_ack(&mut self, up_to_seq: u64) -> Result<(), Closing> {
+        match self.state.app.router.ack(&self.user, AckTarget::UpTo(up_to_seq)).await {
+            Ok(_) => {
+                self.apply_ack(up_to_seq);
+                Ok(())
+            }
+            Err(error) => self.write_error(error, None).await,
+        }
+    }
+
+    async fn on_send(&mut self, envelope: routing_protocol::WireEnvelope) -> Result<(), Closing> {
+        let message_id = envelope.message_id.clone();
+        match self.state.app.router.accept(&self.user, envelope).await {
+            Ok(accepted) => {
+                self.rate_limited = 0;
+                self.write_frame(&ServerFrame::Sent { message_id: accepted.message_id }).await
+            }
+            Err(error) => {
+                let limited = error.code == ErrorCode::RateLimited;
+                self.rate_limited = if limited { self.rate_limited + 1 } else { 0 };
+                self.write_error(error, message_id).await?;
+                if self.rate_limited >= MAX_RATE_LIMITED {
+                    return Err(Closing::new(close_code::RATE_LIMITED, "rate limited"));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    async fn write_error(&mut self, error: ApiError, message_id: Option<String>) -> Result<(), Closing> {
+        let frame = ServerFrame::Error { code: error.code, message: error.message, message_id };
+        self.write_frame(&frame).await
+    }
+
+    async fn write_frame(&mut self, frame: &ServerFrame) -> Result<(), Closing> {
+        let text = serde_json::to_string(frame).expect("server frames always serialise");
+        self.write(Message::Text(Utf8Bytes::from(text))).await?;
+        self.flush().await
+    }
+
+    /// Queues a frame; a socket that stays full for `write_timeout` is a slow consumer.
+    async fn write(&mut self, message: Message) -> Result<(), Closing> {
+        let timeout = self.state.app.config.websocket.write_timeout;
+        match tokio::time::timeout(timeout, self.sink.feed(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Closing::gone()),
+            Err(_) => Err(Closing::new(close_code::SLOW_CONSUMER, "slow consumer")),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), Closing> {
+        let timeout = self.state.app.config.websocket.write_timeout;
+        match tokio::time::timeout(timeout, self.sink.flush()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Closing::gone()),
+            Err(_) => Err(Closing::new(close_code::SLOW_CONSUMER, "slow consumer")),
+        }
+    }
+
+    async fn close(&mut self, closing: Closing) {
+        if closing.code == 0 {
+            return;
+        }
+        let frame = CloseFrame { code: closing.code, reason: Utf8Bytes::from_static(closing.reason) };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame)))).await;
+    }
+}
+
+/// Maps a read failure to a close: 1009 for an oversized frame, else gone.
+fn read_error_closing(err: axum::Error) -> Closing {
+    let inner = err.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => {
+            Closing::new(close_code::TOO_LARGE, "frame larger than the limit")
+        }
+        _ => Closing::gone(),
+    }
+}
+
+/// The Tokio instant at a Unix time in seconds.
+fn deadline_at(unix_seconds: u64) -> tokio::time::Instant {
+    let now_unix = crate::auth::unix_now();
+    let remaining = Duration::from_secs(unix_seconds.saturating_sub(now_unix));
+    tokio::time::Instant::now() + remaining
+}

@@ -1,0 +1,295 @@
+//! Accept, store, route: the path every message takes.
+//!
+//! `accept` validates an envelope, forces its sender, appends it to the
+//! recipient's mailbox (durable) and only then routes it: presence names the
+//! instances that hold the recipient's connections, and the delivery bus
+//! carries the message frame to each. Routing failures are logged and
+//! counted but never fail the send, because the message is already stored.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use routing_protocol::frame::message_frame_json;
+use routing_protocol::{Address, ErrorCode, WireEnvelope};
+
+use crate::bus::{BusEvent, DeliveryBus};
+use crate::config::LimitsConfig;
+use crate::error::ApiError;
+use crate::mailbox::{AckTarget, Appended, Mailbox, NewMessage, StoredMessage};
+use crate::presence::{InstanceId, Presence};
+use crate::telemetry;
+
+/// A send that was accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The message id, as sent or as assigned.
+    pub message_id: String,
+    /// The recipient's canonical address.
+    pub recipient: Address,
+}
+
+/// The backends and limits every request path shares.
+pub struct Router {
+    mailbox: Arc<dyn Mailbox>,
+    presence: Arc<dyn Presence>,
+    bus: Arc<dyn DeliveryBus>,
+    limiter: DefaultKeyedRateLimiter<Address>,
+    max_envelope_bytes: usize,
+}
+
+impl Router {
+    /// Creates a router over the given backends.
+    pub fn new(
+        mailbox: Arc<dyn Mailbox>,
+        presence: Arc<dyn Presence>,
+        bus: Arc<dyn DeliveryBus>,
+        limits: &LimitsConfig,
+    ) -> Self {
+        let rate = NonZeroU32::new(limits.send_rate_per_second).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(limits.send_burst).unwrap_or(rate);
+        Self {
+            mailbox,
+            presence,
+            bus,
+            limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
+            max_envelope_bytes: limits.max_envelope_bytes,
+        }
+    }
+
+    /// The mailbox, for reads.
+    pub fn mailbox(&self) -> &Arc<dyn Mailbox> {
+        &self.mailbox
+    }
+
+    /// The presence backend.
+    pub fn presence(&self) -> &Arc<dyn Presence> {
+        &self.presence
+    }
+
+    /// The delivery bus.
+    pub fn bus(&self) -> &Arc<dyn DeliveryBus> {
+        &self.bus
+    }
+
+    /// Validates, stores and routes one envelope from `sender`.
+    pub async fn accept(&self, sender: &Address, wire: WireEnvelope) -> Result<Accepted, ApiError> {
+        let result = self.accept_inner(sender, wire).await;
+        match &result {
+            Ok(_) => metrics::counter!(telemetry::MESSAGES_ACCEPTED).increment(1),
+            Err(err) => {
+                metrics::counter!(telemetry::MESSAGES_REJECTED, "reason" => err.code.as_str())
+                    .increment(1);
+            }
+        }
+        result
+    }
+
+    async fn accept_inner(&self, sender: &Address, wire: WireEnvelope) -> Result<Accepted, ApiError> {
+        if self.limiter.check_key(sender).is_err() {
+            return Err(ApiError::new(
+                ErrorCode::RateLimited,
+                "too many sends from this user; slow down and retry after a second",
+            ));
+        }
+
+        let envelope = wire
+            .validate(sender, || uuid::Uuid::now_v7().to_string())
+            .map_err(|err| ApiError::new(ErrorCode::InvalidEnvelope, err.to_string()))?;
+        let envelope_json = envelope.to_json();
+        if envelope_json.len() > self.max_envelope_bytes {
+            return Err(ApiError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the envelope is {} bytes as JSON; the limit is {} bytes",
+                    envelope_json.len(),
+                    self.max_envelope_bytes
+                ),
+            ));
+        }
+
+        let message = NewMessage {
+            recipient: envelope.recipient.clone(),
+            sender: sender.clone(),
+            message_id: envelope.message_id.clone(),
+            content_hash: content_hash(&envelope),
+            envelope_json: envelope_json.into(),
+        };
+        let accepted = Accepted {
+            message_id: envelope.message_id,
+            recipient: envelope.recipient,
+        };
+
+        let started = Instant::now();
+        let appended = self.mailbox.append(message).await;
+        record_backend_call("mailbox", "append", started, appended.is_ok());
+        match appended? {
+            Appended::New(stored) => {
+                metrics::counter!(telemetry::MESSAGES_STORED).increment(1);
+                self.route(&accepted.recipient, &stored).await;
+            }
+            Appended::Duplicate { .. } => {
+                metrics::counter!(telemetry::MESSAGES_DUPLICATE).increment(1);
+            }
+        }
+        Ok(accepted)
+    }
+
+    /// Publishes a stored message to every instance that holds a connection
+    /// of its recipient.
+    async fn route(&self, recipient: &Address, stored: &StoredMessage) {
+        let Some(instances) = self.lookup(recipient).await else {
+            return;
+        };
+        let received_at = format_received_at(stored.received_at_ms);
+        let frame = Bytes::from(message_frame_json(stored.seq, &received_at, &stored.envelope_json));
+        for instance in instances {
+            let event = BusEvent::Delivery {
+                recipient: recipient.clone(),
+                seq: stored.seq,
+                received_at_ms: stored.received_at_ms,
+                frame: frame.clone(),
+            };
+            self.publish(&instance, event).await;
+        }
+    }
+
+    /// Acknowledges messages of `user` and tells the user's connections.
+    pub async fn ack(&self, user: &Address, target: AckTarget) -> Result<u64, ApiError> {
+        let up_to = match &target {
+            AckTarget::UpTo(seq) => Some(*seq),
+            AckTarget::Ids(_) => None,
+        };
+        let started = Instant::now();
+        let deleted = self.mailbox.ack(user, target).await;
+        record_backend_call("mailbox", "ack", started, deleted.is_ok());
+        let deleted = deleted?;
+        metrics::counter!(telemetry::MESSAGES_ACKNOWLEDGED).increment(deleted);
+
+        if let Some(up_to) = up_to
+            && let Some(instances) = self.lookup(user).await
+        {
+            for instance in instances {
+                let event = BusEvent::Acked { recipient: user.clone(), up_to };
+                self.publish(&instance, event).await;
+            }
+        }
+        Ok(deleted)
+    }
+
+    /// Reads stored messages of `user` after `after`.
+    pub async fn read(
+        &self,
+        user: &Address,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, ApiError> {
+        let started = Instant::now();
+        let messages = self.mailbox.read(user, after, limit).await;
+        record_backend_call("mailbox", "read", started, messages.is_ok());
+        Ok(messages?)
+    }
+
+    /// Forgets rate-limit state of users that have been idle.
+    pub fn forget_idle_senders(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+
+    async fn lookup(&self, user: &Address) -> Option<Vec<InstanceId>> {
+        let started = Instant::now();
+        let result = self.presence.lookup(user).await;
+        record_backend_call("presence", "lookup", started, result.is_ok());
+        match result {
+            Ok(instances) => Some(instances),
+            Err(err) => {
+                tracing::warn!(error = %err, "presence lookup failed; the message waits in the mailbox");
+                None
+            }
+        }
+    }
+
+    async fn publish(&self, instance: &InstanceId, event: BusEvent) {
+        let started = Instant::now();
+        let result = self.bus.publish(instance, event).await;
+        record_backend_call("bus", "publish", started, result.is_ok());
+        if let Err(err) = result {
+            metrics::counter!(telemetry::MESSAGES_DEAD_LETTERED).increment(1);
+            tracing::warn!(error = %err, instance = %instance, "bus publish failed; the message waits in the mailbox");
+        }
+    }
+}
+
+/// Hashes the content fields of an envelope, so a retry (same content) can
+/// be told from a conflict (other content) without storing the content twice.
+pub fn content_hash(envelope: &routing_protocol::Envelope) -> u128 {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    for field in [
+        envelope.encrypted_symmetric_key.as_deref(),
+        Some(envelope.encrypted_data.as_slice()),
+        envelope.signature.as_deref(),
+    ] {
+        match field {
+            // The length prefix keeps ("ab", "c") apart from ("a", "bc").
+            Some(bytes) => {
+                hasher.update(&[1]);
+                hasher.update(&(bytes.len() as u64).to_le_bytes());
+                hasher.update(bytes);
+            }
+            None => hasher.update(&[0]),
+        }
+    }
+    hasher.digest128()
+}
+
+/// Formats milliseconds since the Unix epoch as RFC 3339 UTC with milliseconds.
+pub fn format_received_at(millis: u64) -> String {
+    let time = UNIX_EPOCH + Duration::from_millis(millis);
+    humantime::format_rfc3339_millis(time).to_string()
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_millis(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+fn record_backend_call(backend: &'static str, operation: &'static str, started: Instant, ok: bool) {
+    metrics::histogram!(telemetry::BACKEND_CALL_DURATION, "backend" => backend, "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    if !ok {
+        metrics::counter!(telemetry::BACKEND_ERRORS, "backend" => backend, "operation" => operation)
+            .increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn received_at_has_milliseconds_and_z() {
+        assert_eq!(format_received_at(1_796_411_653_123), "2026-12-04T19:14:13.123Z");
+        assert_eq!(format_received_at(0), "1970-01-01T00:00:00.000Z");
+    }
+
+    #[test]
+    fn content_hash_separates_fields() {
+        let sender = Address::parse("a").unwrap();
+        let make = |key: Option<&[u8]>, data: &[u8]| routing_protocol::Envelope {
+            sender: sender.clone(),
+            recipient: sender.clone(),
+            message_id: "m".into(),
+            encrypted_symmetric_key: key.map(<[u8]>::to_vec),
+            encrypted_data: data.to_vec(),
+            signature: None,
+        };
+        let one = content_hash(&make(Some(b"ab"), b"c"));
+        let two = content_hash(&make(Some(b"a"), b"bc"));
+        let three = content_hash(&make(None, b"abc"));
+        assert_ne!(one, two);
+        assert_ne!(two, three);
+        assert_eq!(one, content_hash(&make(Some(b"ab"), b"c")));
+    }
+}

@@ -1,0 +1,6 @@
+//! End-to-end tests: the real server on port 0, over real HTTP and
+//! WebSocket sockets.
+
+mod http_api;
+mod support;
+mod websocket;
