@@ -5,8 +5,8 @@
 //! the other. Each case names itself on stderr before it runs, so a failure
 //! points to the case, and each runs under [`CASE_TIMEOUT`].
 //!
-//! Time-based cases use real time with windows and TTLs of a few hundred
-//! milliseconds, because the trait takes no clock except for `expire`.
+//! Time-based cases use real time with windows and TTLs of 50 ms to 1 s,
+//! because the trait takes no clock except for `expire`.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -48,7 +48,7 @@ where
         ..roomy_settings()
     };
     let short_ttl = || MailboxSettings {
-        message_ttl: Duration::from_millis(300),
+        message_ttl: Duration::from_millis(1000),
         dedupe_window: Duration::from_millis(50),
         ..roomy_settings()
     };
@@ -509,12 +509,13 @@ async fn full_at_limit(mailbox: &impl Mailbox) {
     );
 }
 
-/// Checks expiry with a TTL of 300 ms and a dedupe window of 50 ms.
+/// Checks expiry with a TTL of 1 s and a dedupe window of 50 ms. The last
+/// append must be read within 1 s, so the TTL is not shorter.
 async fn ttl_hides_and_expire_deletes(mailbox: &impl Mailbox) {
     append_new(mailbox, message("bob", "alice", "m1", "one")).await;
     append_new(mailbox, message("bob", "alice", "m2", "two")).await;
     append_new(mailbox, message("carol", "alice", "m1", "one")).await;
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     append_new(mailbox, message("bob", "alice", "m3", "three")).await;
     let bob = address("bob");
 

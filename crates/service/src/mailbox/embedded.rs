@@ -309,7 +309,8 @@ impl PendingReply {
     }
 }
 
-/// Totals logged when the writer stops.
+/// Totals logged when the writer stops. They count applied requests, so a
+/// group whose commit failed is counted too.
 #[derive(Debug, Default)]
 struct WriterTotals {
     appended: u64,
@@ -1061,6 +1062,8 @@ fn seq_from_key_suffix(key: &[u8]) -> Result<u64, MailboxError> {
 }
 
 fn checked_message_id(message_id: &str) -> Result<&[u8], MailboxError> {
+    // NOTE: an over-long id fails as `Internal` because `MailboxError` has no
+    // kind for invalid input. The HTTP layer is expected to reject it first.
     if message_id.len() > MAX_MESSAGE_ID_BYTES {
         return Err(MailboxError::Internal(format!(
             "message id of {} bytes is longer than the maximum of {MAX_MESSAGE_ID_BYTES}",
