@@ -4,7 +4,7 @@
 //! Backends: [`embedded::EmbeddedMailbox`] (fjall, in `data_dir`).
 
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use routing_protocol::Address;
@@ -13,6 +13,41 @@ pub mod embedded;
 
 #[cfg(test)]
 pub(crate) mod conformance;
+
+/// Limits and retention that every mailbox backend applies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MailboxSettings {
+    /// Stored messages per recipient before `append` fails with
+    /// [`MailboxError::Full`] (`limits.max_stored_per_user`).
+    pub max_stored_per_user: u64,
+    /// How long an unacknowledged message is kept (`limits.message_ttl`).
+    pub message_ttl: Duration,
+    /// How long after its acceptance a (recipient, sender, messageId) is
+    /// remembered, even once the message is gone (`limits.dedupe_window`).
+    pub dedupe_window: Duration,
+}
+
+impl From<&crate::config::LimitsConfig> for MailboxSettings {
+    fn from(limits: &crate::config::LimitsConfig) -> Self {
+        Self {
+            max_stored_per_user: limits.max_stored_per_user,
+            message_ttl: limits.message_ttl,
+            dedupe_window: limits.dedupe_window,
+        }
+    }
+}
+
+/// Converts a point in time to milliseconds since the Unix epoch, with
+/// times before the epoch as 0 and times past `u64::MAX` ms as `u64::MAX`.
+pub fn unix_millis(time: SystemTime) -> u64 {
+    let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    duration_millis(since_epoch)
+}
+
+/// Converts a duration to whole milliseconds, saturating at `u64::MAX`.
+pub fn duration_millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
 
 /// A message to append, validated and with its sender forced to the caller.
 #[derive(Debug, Clone)]
