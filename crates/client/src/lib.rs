@@ -80,7 +80,10 @@ impl Client {
 
     /// The same client with another token.
     pub fn with_token(&self, token: &str) -> Self {
-        Self { token: token.to_owned(), ..self.clone() }
+        Self {
+            token: token.to_owned(),
+            ..self.clone()
+        }
     }
 
     /// Sends one envelope with `POST /send`.
@@ -96,10 +99,17 @@ impl Client {
     }
 
     /// Reads stored messages with `GET /messages`; `None` when there are none (204).
-    pub async fn messages(&self, after: u64, limit: usize) -> Result<Option<MessagesPage>, ClientError> {
+    pub async fn messages(
+        &self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Option<MessagesPage>, ClientError> {
         let response = self
             .http
-            .get(format!("{}/messages?after={after}&limit={limit}", self.api_url))
+            .get(format!(
+                "{}/messages?after={after}&limit={limit}",
+                self.api_url
+            ))
             .bearer_auth(&self.token)
             .send()
             .await?;

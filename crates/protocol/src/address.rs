@@ -121,7 +121,10 @@ mod tests {
 
     #[test]
     fn addresses_compare_case_sensitively() {
-        assert_ne!(Address::parse("Alice").unwrap(), Address::parse("alice").unwrap());
+        assert_ne!(
+            Address::parse("Alice").unwrap(),
+            Address::parse("alice").unwrap()
+        );
     }
 
     #[test]
@@ -130,8 +133,21 @@ mod tests {
         assert_eq!(Address::parse("urn:sm:user:"), Err(AddressError::Empty));
         assert_eq!(Address::parse(&"a".repeat(129)), Err(AddressError::TooLong));
         assert!(Address::parse(&"a".repeat(128)).is_ok());
-        for bad in ["a b", "a*b", "a\u{0430}", "a\nb", "a\u{202e}b", "a:b", "a/b", "a{b}"] {
-            assert_eq!(Address::parse(bad), Err(AddressError::InvalidCharacter), "{bad:?}");
+        for bad in [
+            "a b",
+            "a*b",
+            "a\u{0430}",
+            "a\nb",
+            "a\u{202e}b",
+            "a:b",
+            "a/b",
+            "a{b}",
+        ] {
+            assert_eq!(
+                Address::parse(bad),
+                Err(AddressError::InvalidCharacter),
+                "{bad:?}"
+            );
         }
         assert_eq!(Address::parse("urn:other:x"), Err(AddressError::UnknownUrn));
     }

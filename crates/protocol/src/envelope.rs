@@ -62,9 +62,9 @@ impl fmt::Display for EnvelopeError {
             Self::MissingRecipient => f.write_str("recipientId is required"),
             Self::InvalidRecipient(err) => write!(f, "recipientId is invalid: {err}"),
             Self::MissingData => f.write_str("encryptedData is required and must not be empty"),
-            Self::InvalidMessageId => f.write_str(
-                "messageId must be 1 to 128 characters of [A-Za-z0-9._:-]",
-            ),
+            Self::InvalidMessageId => {
+                f.write_str("messageId must be 1 to 128 characters of [A-Za-z0-9._:-]")
+            }
             Self::InvalidBase64(field) => write!(
                 f,
                 "{field} is not valid base64 (standard or URL-safe alphabet, padding optional)"
@@ -115,10 +115,15 @@ pub fn encode_base64(bytes: &[u8]) -> String {
 pub fn is_valid_message_id(id: &str) -> bool {
     !id.is_empty()
         && id.len() <= MAX_MESSAGE_ID_LEN
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:-".contains(&b))
 }
 
-fn decode_field(value: Option<String>, field: &'static str) -> Result<Option<Vec<u8>>, EnvelopeError> {
+fn decode_field(
+    value: Option<String>,
+    field: &'static str,
+) -> Result<Option<Vec<u8>>, EnvelopeError> {
     match value {
         None => Ok(None),
         Some(text) => decode_base64(&text)
@@ -205,7 +210,10 @@ mod tests {
         input.sender_id = Some("urn:sm:user:mallory".into());
         let envelope = input.validate(&alice(), || "id".into()).unwrap();
         assert_eq!(envelope.sender, alice());
-        assert_eq!(envelope.to_wire().sender_id.as_deref(), Some("urn:sm:user:alice"));
+        assert_eq!(
+            envelope.to_wire().sender_id.as_deref(),
+            Some("urn:sm:user:alice")
+        );
     }
 
     #[test]
@@ -222,16 +230,28 @@ mod tests {
 
     #[test]
     fn invalid_envelopes_name_the_field() {
-        let missing = WireEnvelope { encrypted_data: Some("aGk=".into()), ..Default::default() };
-        assert_eq!(missing.validate(&alice(), String::new), Err(EnvelopeError::MissingRecipient));
-        assert_eq!(wire("").validate(&alice(), String::new), Err(EnvelopeError::MissingData));
+        let missing = WireEnvelope {
+            encrypted_data: Some("aGk=".into()),
+            ..Default::default()
+        };
+        assert_eq!(
+            missing.validate(&alice(), String::new),
+            Err(EnvelopeError::MissingRecipient)
+        );
+        assert_eq!(
+            wire("").validate(&alice(), String::new),
+            Err(EnvelopeError::MissingData)
+        );
         assert_eq!(
             wire("not base64!").validate(&alice(), String::new),
             Err(EnvelopeError::InvalidBase64("encryptedData"))
         );
         let mut bad_id = wire("aGk=");
         bad_id.message_id = Some("has space".into());
-        assert_eq!(bad_id.validate(&alice(), String::new), Err(EnvelopeError::InvalidMessageId));
+        assert_eq!(
+            bad_id.validate(&alice(), String::new),
+            Err(EnvelopeError::InvalidMessageId)
+        );
     }
 
     #[test]

@@ -102,7 +102,10 @@ pub fn message_frame_json(seq: u64, received_at: &str, envelope_json: &str) -> S
 
 /// Builds a `message` item of `GET /messages` around an envelope that is already JSON.
 pub fn message_item_json(seq: u64, received_at: &str, envelope_json: &str, out: &mut String) {
-    let _ = write!(out, r#"{{"seq":{seq},"receivedAt":"{received_at}","envelope":"#);
+    let _ = write!(
+        out,
+        r#"{{"seq":{seq},"receivedAt":"{received_at}","envelope":"#
+    );
     out.push_str(envelope_json);
     out.push('}');
 }
@@ -116,7 +119,12 @@ mod tests {
         let envelope = r#"{"senderId":"urn:sm:user:a","recipientId":"urn:sm:user:b","messageId":"m1","encryptedData":"aGk="}"#;
         let frame = message_frame_json(7, "2026-12-04T19:14:13.123Z", envelope);
         let parsed: ServerFrame = serde_json::from_str(&frame).unwrap();
-        let ServerFrame::Message { seq, received_at, envelope } = parsed else {
+        let ServerFrame::Message {
+            seq,
+            received_at,
+            envelope,
+        } = parsed
+        else {
             panic!("not a message frame: {frame}");
         };
         assert_eq!(seq, 7);
@@ -130,7 +138,9 @@ mod tests {
         assert_eq!(ack, ClientFrame::Ack { up_to_seq: 3 });
         let ping: ClientFrame = serde_json::from_str(r#"{"type":"ping"}"#).unwrap();
         assert_eq!(ping, ClientFrame::Ping);
-        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"ack","upToSeq":3,"x":1}"#).is_err());
+        assert!(
+            serde_json::from_str::<ClientFrame>(r#"{"type":"ack","upToSeq":3,"x":1}"#).is_err()
+        );
         assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"nope"}"#).is_err());
     }
 
@@ -142,6 +152,9 @@ mod tests {
             message_id: Some("m1".into()),
         };
         let json = serde_json::to_string(&frame).unwrap();
-        assert_eq!(json, r#"{"type":"error","code":"mailbox_full","message":"full","messageId":"m1"}"#);
+        assert_eq!(
+            json,
+            r#"{"type":"error","code":"mailbox_full","message":"full","messageId":"m1"}"#
+        );
     }
 }

@@ -24,12 +24,18 @@ pub struct ApiError {
 impl ApiError {
     /// Creates an error with a code and a message.
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self { code, message: message.into() }
+        Self {
+            code,
+            message: message.into(),
+        }
     }
 
     /// The JSON body of this error.
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { error: self.code, message: self.message.clone() }
+        ErrorBody {
+            error: self.code,
+            message: self.message.clone(),
+        }
     }
 }
 
@@ -58,11 +64,17 @@ impl From<MailboxError> for ApiError {
             ),
             MailboxError::Unavailable(_) => {
                 tracing::warn!(error = %err, "mailbox unavailable");
-                Self::new(ErrorCode::Unavailable, "the message store is unavailable; retry later")
+                Self::new(
+                    ErrorCode::Unavailable,
+                    "the message store is unavailable; retry later",
+                )
             }
             MailboxError::Internal(_) => {
                 tracing::error!(error = %err, "mailbox failure");
-                Self::new(ErrorCode::Internal, "an internal error occurred; retry later")
+                Self::new(
+                    ErrorCode::Internal,
+                    "an internal error occurred; retry later",
+                )
             }
         }
     }

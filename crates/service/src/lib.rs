@@ -23,14 +23,14 @@
 //! - **delivery bus**: carries deliveries to the instances that hold connections.
 //! - **connection**: one WebSocket of a user; **instance**: one process.
 
+pub mod api;
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod error;
 pub mod mailbox;
 pub mod presence;
-pub mod server;
-pub mod telemetry;
-pub mod api;
-pub mod error;
 pub mod realtime;
 pub mod router;
+pub mod server;
+pub mod telemetry;

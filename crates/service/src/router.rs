@@ -87,7 +87,11 @@ impl Router {
         result
     }
 
-    async fn accept_inner(&self, sender: &Address, wire: WireEnvelope) -> Result<Accepted, ApiError> {
+    async fn accept_inner(
+        &self,
+        sender: &Address,
+        wire: WireEnvelope,
+    ) -> Result<Accepted, ApiError> {
         if self.limiter.check_key(sender).is_err() {
             return Err(ApiError::new(
                 ErrorCode::RateLimited,
@@ -144,7 +148,11 @@ impl Router {
             return;
         };
         let received_at = format_received_at(stored.received_at_ms);
-        let frame = Bytes::from(message_frame_json(stored.seq, &received_at, &stored.envelope_json));
+        let frame = Bytes::from(message_frame_json(
+            stored.seq,
+            &received_at,
+            &stored.envelope_json,
+        ));
         for instance in instances {
             let event = BusEvent::Delivery {
                 recipient: recipient.clone(),
@@ -172,7 +180,10 @@ impl Router {
             && let Some(instances) = self.lookup(user).await
         {
             for instance in instances {
-                let event = BusEvent::Acked { recipient: user.clone(), up_to };
+                let event = BusEvent::Acked {
+                    recipient: user.clone(),
+                    up_to,
+                };
                 self.publish(&instance, event).await;
             }
         }
@@ -252,7 +263,9 @@ pub fn format_received_at(millis: u64) -> String {
 
 /// Milliseconds since the Unix epoch.
 pub fn unix_millis(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    time.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn record_backend_call(backend: &'static str, operation: &'static str, started: Instant, ok: bool) {
@@ -270,7 +283,10 @@ mod tests {
 
     #[test]
     fn received_at_has_milliseconds_and_z() {
-        assert_eq!(format_received_at(1_796_411_653_123), "2026-12-04T19:14:13.123Z");
+        assert_eq!(
+            format_received_at(1_796_411_653_123),
+            "2026-12-04T19:14:13.123Z"
+        );
         assert_eq!(format_received_at(0), "1970-01-01T00:00:00.000Z");
     }
 

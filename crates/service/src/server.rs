@@ -70,7 +70,12 @@ impl Server {
         let mailbox = open_mailbox(&config).await?;
         let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
         let bus: Arc<dyn DeliveryBus> = Arc::new(MemoryBus::new());
-        let router = Arc::new(Router::new(mailbox.clone(), presence, bus.clone(), &config.limits));
+        let router = Arc::new(Router::new(
+            mailbox.clone(),
+            presence,
+            bus.clone(),
+            &config.limits,
+        ));
         let verifier = Arc::new(Verifier::new(&config).context("auth configuration")?);
         let app = AppState {
             router: router.clone(),
@@ -114,7 +119,11 @@ impl Server {
             };
             let listener = bind(&config, config.websocket_port, "websocket").await?;
             websocket_addr = Some(listener.local_addr()?);
-            servers.spawn(serve_http(listener, realtime::router(state), shutdown.clone()));
+            servers.spawn(serve_http(
+                listener,
+                realtime::router(state),
+                shutdown.clone(),
+            ));
         }
 
         spawn_maintenance(&background, &router, &mailbox, &config, &shutdown);
@@ -217,7 +226,8 @@ fn spawn_maintenance(
     config: &Config,
     shutdown: &CancellationToken,
 ) {
-    let every = (config.limits.message_ttl / 10).clamp(Duration::from_millis(100), MAX_EXPIRY_INTERVAL);
+    let every =
+        (config.limits.message_ttl / 10).clamp(Duration::from_millis(100), MAX_EXPIRY_INTERVAL);
     let mailbox = mailbox.clone();
     let stop = shutdown.clone();
     tasks.spawn(async move {

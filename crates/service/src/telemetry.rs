@@ -40,7 +40,9 @@ const LATENCY_BUCKETS: &[f64] = &[
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -69,16 +71,34 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 fn describe_metrics() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(MESSAGES_ACCEPTED, "Messages answered 202 or sent, duplicates included.");
+    describe_counter!(
+        MESSAGES_ACCEPTED,
+        "Messages answered 202 or sent, duplicates included."
+    );
     describe_counter!(MESSAGES_STORED, "Messages newly written to a mailbox.");
-    describe_counter!(MESSAGES_DUPLICATE, "Sends answered as an earlier identical message.");
-    describe_counter!(MESSAGES_DELIVERED, "Messages written to a WebSocket, by path.");
+    describe_counter!(
+        MESSAGES_DUPLICATE,
+        "Sends answered as an earlier identical message."
+    );
+    describe_counter!(
+        MESSAGES_DELIVERED,
+        "Messages written to a WebSocket, by path."
+    );
     describe_counter!(MESSAGES_ACKNOWLEDGED, "Messages deleted by an ack.");
-    describe_counter!(MESSAGES_EXPIRED, "Messages deleted because their TTL passed.");
+    describe_counter!(
+        MESSAGES_EXPIRED,
+        "Messages deleted because their TTL passed."
+    );
     describe_counter!(MESSAGES_REJECTED, "Rejected sends, by error code.");
-    describe_counter!(MESSAGES_DEAD_LETTERED, "Deliveries the bus could not publish.");
+    describe_counter!(
+        MESSAGES_DEAD_LETTERED,
+        "Deliveries the bus could not publish."
+    );
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections.");
-    describe_histogram!(DELIVERY_LATENCY, "Seconds from acceptance to the WebSocket write.");
+    describe_histogram!(
+        DELIVERY_LATENCY,
+        "Seconds from acceptance to the WebSocket write."
+    );
     describe_histogram!(BACKEND_CALL_DURATION, "Seconds per backend call.");
     describe_counter!(BACKEND_ERRORS, "Failed backend calls.");
 }

@@ -31,7 +31,10 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Api
         return Ok(None);
     };
     let invalid = || {
-        ApiError::new(ErrorCode::Unauthorized, "the Authorization header must be `Bearer <token>`")
+        ApiError::new(
+            ErrorCode::Unauthorized,
+            "the Authorization header must be `Bearer <token>`",
+        )
     };
     let value = value.to_str().map_err(|_| invalid())?;
     let (scheme, token) = value.split_once(' ').ok_or_else(invalid)?;
@@ -61,9 +64,15 @@ pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
 /// Turns a body-buffering failure into 413 or 400.
 pub fn body_error(rejection: axum::extract::rejection::BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(ErrorCode::TooLarge, format!("the body is larger than {limit} bytes"))
+        ApiError::new(
+            ErrorCode::TooLarge,
+            format!("the body is larger than {limit} bytes"),
+        )
     } else {
-        ApiError::new(ErrorCode::InvalidRequest, "the request body could not be read")
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            "the request body could not be read",
+        )
     }
 }
 
@@ -77,9 +86,10 @@ pub fn parse_json<T: DeserializeOwned>(body: &Bytes, shape_code: ErrorCode) -> R
 pub fn json_error(err: &serde_json::Error, shape_code: ErrorCode) -> ApiError {
     use serde_json::error::Category;
     match err.classify() {
-        Category::Syntax | Category::Eof | Category::Io => {
-            ApiError::new(ErrorCode::InvalidJson, format!("the body is not valid JSON: {err}"))
-        }
+        Category::Syntax | Category::Eof | Category::Io => ApiError::new(
+            ErrorCode::InvalidJson,
+            format!("the body is not valid JSON: {err}"),
+        ),
         Category::Data => ApiError::new(shape_code, format!("the body has the wrong shape: {err}")),
     }
 }

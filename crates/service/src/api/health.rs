@@ -32,13 +32,27 @@ pub async fn healthz() -> &'static str {
 /// 200 when every configured backend answers, else 503 naming the failures.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let router = &state.router;
-    let mailbox = router.mailbox().check().await.err().map(|err| err.to_string());
-    let presence = router.presence().check().await.err().map(|err| err.to_string());
+    let mailbox = router
+        .mailbox()
+        .check()
+        .await
+        .err()
+        .map(|err| err.to_string());
+    let presence = router
+        .presence()
+        .check()
+        .await
+        .err()
+        .map(|err| err.to_string());
     let bus = router.bus().check().await.err().map(|err| err.to_string());
 
     let mut components = serde_json::Map::new();
     let mut ready = true;
-    for (name, failure) in [("mailbox", mailbox), ("presence", presence), ("delivery_bus", bus)] {
+    for (name, failure) in [
+        ("mailbox", mailbox),
+        ("presence", presence),
+        ("delivery_bus", bus),
+    ] {
         let value = match failure {
             None => json!("ok"),
             Some(error) => {
@@ -55,7 +69,9 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         return (StatusCode::OK, body).into_response();
     }
     let mut response = (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECONDS));
     response
 }
 

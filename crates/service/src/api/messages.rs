@@ -43,7 +43,11 @@ pub async fn list(
     let Some(last) = messages.last() else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    let next_after = if messages.len() == limit { last.seq.to_string() } else { "null".into() };
+    let next_after = if messages.len() == limit {
+        last.seq.to_string()
+    } else {
+        "null".into()
+    };
 
     let size: usize = messages.iter().map(|m| m.envelope_json.len() + 80).sum();
     let mut body = String::with_capacity(size + 40);
@@ -71,7 +75,10 @@ fn parse_list_query(query: &str) -> Result<(u64, usize), ApiError> {
     let after = match parsed.after.as_deref() {
         None | Some("") => 0,
         Some(text) => text.parse::<u64>().map_err(|_| {
-            ApiError::new(ErrorCode::InvalidRequest, "after must be a non-negative integer seq")
+            ApiError::new(
+                ErrorCode::InvalidRequest,
+                "after must be a non-negative integer seq",
+            )
         })?,
     };
     let limit = match parsed.limit.as_deref() {
@@ -111,7 +118,9 @@ pub fn ack_target(request: AckRequest) -> Result<AckTarget, ApiError> {
         (Some(seq), None) => Ok(AckTarget::UpTo(seq)),
         (None, Some(ids)) => {
             if ids.is_empty() || ids.len() > MAX_ACK_IDS {
-                return Err(invalid(format!("messageIds must list 1 to {MAX_ACK_IDS} ids")));
+                return Err(invalid(format!(
+                    "messageIds must list 1 to {MAX_ACK_IDS} ids"
+                )));
             }
             if let Some(bad) = ids.iter().find(|id| !is_valid_message_id(id)) {
                 return Err(invalid(format!(
@@ -120,7 +129,9 @@ pub fn ack_target(request: AckRequest) -> Result<AckTarget, ApiError> {
             }
             Ok(AckTarget::Ids(ids))
         }
-        _ => Err(invalid("the body must contain exactly one of upToSeq and messageIds".into())),
+        _ => Err(invalid(
+            "the body must contain exactly one of upToSeq and messageIds".into(),
+        )),
     }
 }
 
@@ -132,7 +143,14 @@ mod tests {
     fn list_query_defaults_and_bounds() {
         assert_eq!(parse_list_query("").unwrap(), (0, DEFAULT_LIMIT));
         assert_eq!(parse_list_query("after=5&limit=1000").unwrap(), (5, 1000));
-        for bad in ["limit=0", "limit=1001", "after=-1", "after=x", "limit=1.5", "foo=1"] {
+        for bad in [
+            "limit=0",
+            "limit=1001",
+            "after=-1",
+            "after=x",
+            "limit=1.5",
+            "foo=1",
+        ] {
             let err = parse_list_query(bad).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{bad}");
         }
@@ -140,12 +158,21 @@ mod tests {
 
     #[test]
     fn ack_target_needs_exactly_one_field() {
-        let both = AckRequest { up_to_seq: Some(1), message_ids: Some(vec!["a".into()]) };
+        let both = AckRequest {
+            up_to_seq: Some(1),
+            message_ids: Some(vec!["a".into()]),
+        };
         assert!(ack_target(both).is_err());
         assert!(ack_target(AckRequest::default()).is_err());
-        let empty = AckRequest { up_to_seq: None, message_ids: Some(vec![]) };
+        let empty = AckRequest {
+            up_to_seq: None,
+            message_ids: Some(vec![]),
+        };
         assert!(ack_target(empty).is_err());
-        let ok = AckRequest { up_to_seq: Some(3), message_ids: None };
+        let ok = AckRequest {
+            up_to_seq: Some(3),
+            message_ids: None,
+        };
         assert_eq!(ack_target(ok).unwrap(), AckTarget::UpTo(3));
     }
 }

@@ -59,7 +59,11 @@ impl OriginPolicy {
 
     /// Whether a request with this `Origin` header value may proceed.
     pub fn allows(&self, origin: &[u8]) -> bool {
-        self.any || self.allowed.iter().any(|allowed| allowed.as_bytes() == origin)
+        self.any
+            || self
+                .allowed
+                .iter()
+                .any(|allowed| allowed.as_bytes() == origin)
     }
 
     /// Rejects a request whose `Origin` header is present and not allowed.
@@ -125,5 +129,8 @@ pub async fn not_found() -> ApiError {
 
 /// Answers a known path with a wrong method.
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed, "this path does not accept this method")
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this path does not accept this method",
+    )
 }

@@ -24,7 +24,10 @@ pub async fn send(
     if body.len() > limit {
         return Err(ApiError::new(
             ErrorCode::TooLarge,
-            format!("the envelope is {} bytes; the limit is {limit} bytes", body.len()),
+            format!(
+                "the envelope is {} bytes; the limit is {limit} bytes",
+                body.len()
+            ),
         ));
     }
 

@@ -41,7 +41,9 @@ pub enum AuthError {
 #[derive(Debug, thiserror::Error)]
 pub enum AuthSetupError {
     /// HS256 is accepted but `JWT_SECRET` is not set.
-    #[error("JWT_SECRET is not set, but auth.algorithms includes HS256; set JWT_SECRET in the environment")]
+    #[error(
+        "JWT_SECRET is not set, but auth.algorithms includes HS256; set JWT_SECRET in the environment"
+    )]
     MissingSecret,
     /// No algorithm is configured.
     #[error("auth.algorithms is empty; list at least one of HS256, RS256, ES256, EdDSA")]
@@ -68,7 +70,9 @@ pub struct Verifier {
 
 impl std::fmt::Debug for Verifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verifier").field("leeway", &self.leeway).finish_non_exhaustive()
+        f.debug_struct("Verifier")
+            .field("leeway", &self.leeway)
+            .finish_non_exhaustive()
     }
 }
 
@@ -84,7 +88,10 @@ impl Verifier {
         for algorithm in &auth.algorithms {
             match algorithm {
                 Algorithm::HS256 => {
-                    let secret = config.jwt_secret.as_ref().ok_or(AuthSetupError::MissingSecret)?;
+                    let secret = config
+                        .jwt_secret
+                        .as_ref()
+                        .ok_or(AuthSetupError::MissingSecret)?;
                     let key = DecodingKey::from_secret(secret.0.as_bytes())
                         .map_err(|_| AuthSetupError::MissingSecret)?;
                     hs256 = Some(key);
@@ -111,13 +118,19 @@ impl Verifier {
             None => validation.validate_aud = false,
         }
 
-        Ok(Self { hs256, validation, leeway: auth.leeway_seconds })
+        Ok(Self {
+            hs256,
+            validation,
+            leeway: auth.leeway_seconds,
+        })
     }
 
     /// Verifies a token and returns the caller it names.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let Some(key) = &self.hs256 else {
-            return Err(AuthError::Invalid("no key is configured for this token".into()));
+            return Err(AuthError::Invalid(
+                "no key is configured for this token".into(),
+            ));
         };
         let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
             .map_err(|err| map_jwt_error(err.kind()))?;
@@ -130,7 +143,10 @@ impl Verifier {
         }
         let user = Address::from_id(&claims.sub)
             .map_err(|err| AuthError::Invalid(format!("sub is not a valid user id: {err}")))?;
-        Ok(Identity { user, expires_at: claims.exp })
+        Ok(Identity {
+            user,
+            expires_at: claims.exp,
+        })
     }
 
     /// The clock leeway on `exp`, in seconds.
@@ -158,7 +174,10 @@ fn map_jwt_error(kind: &ErrorKind) -> AuthError {
 
 /// The current time in seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// Mints an HS256 token for `user_id` that expires after `ttl`.
@@ -166,9 +185,13 @@ pub fn mint_hs256(secret: &str, user_id: &str, ttl: Duration) -> Result<String, 
     Address::from_id(user_id)
         .map_err(|err| AuthError::Invalid(format!("--user is not a valid user id: {err}")))?;
     let now = unix_now();
-    let claims = Claims { sub: user_id.to_owned(), exp: now + ttl.as_secs(), iat: Some(now) };
+    let claims = Claims {
+        sub: user_id.to_owned(),
+        exp: now + ttl.as_secs(),
+        iat: Some(now),
+    };
     let key = EncodingKey::from_secret(secret.as_bytes())
         .map_err(|_| AuthError::Invalid("JWT_SECRET is empty".into()))?;
     jsonwebtoken::encode(&Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key)
-    .map_err(|err| AuthError::Invalid(format!("signing failed: {err}")))
+        .map_err(|err| AuthError::Invalid(format!("signing failed: {err}")))
 }

@@ -42,10 +42,7 @@ impl DeliveryBus for MemoryBus {
         Ok(())
     }
 
-    async fn subscribe(
-        &self,
-        instance: &InstanceId,
-    ) -> Result<mpsc::Receiver<BusEvent>, BusError> {
+    async fn subscribe(&self, instance: &InstanceId) -> Result<mpsc::Receiver<BusEvent>, BusError> {
         let (sender, receiver) = mpsc::channel(CHANNEL_CAPACITY);
         let mut subscribers = self.subscribers.lock().expect("bus lock poisoned");
         subscribers.insert(instance.clone(), sender);

@@ -66,8 +66,7 @@ pub trait DeliveryBus: Send + Sync + 'static {
 
     /// Subscribes to the events of `instance`. A second subscription of the
     /// same instance replaces the first.
-    async fn subscribe(&self, instance: &InstanceId)
-    -> Result<mpsc::Receiver<BusEvent>, BusError>;
+    async fn subscribe(&self, instance: &InstanceId) -> Result<mpsc::Receiver<BusEvent>, BusError>;
 
     /// Checks that the backend answers, for `/readyz`.
     async fn check(&self) -> Result<(), BusError>;

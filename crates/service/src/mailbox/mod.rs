@@ -40,7 +40,9 @@ impl From<&crate::config::LimitsConfig> for MailboxSettings {
 /// Converts a point in time to milliseconds since the Unix epoch, with
 /// times before the epoch as 0 and times past `u64::MAX` ms as `u64::MAX`.
 pub fn unix_millis(time: SystemTime) -> u64 {
-    let since_epoch = time.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let since_epoch = time
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
     duration_millis(since_epoch)
 }
 

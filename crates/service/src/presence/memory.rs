@@ -31,11 +31,7 @@ impl Presence for MemoryPresence {
         Ok(())
     }
 
-    async fn unregister(
-        &self,
-        user: &Address,
-        instance: &InstanceId,
-    ) -> Result<(), PresenceError> {
+    async fn unregister(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError> {
         let mut users = self.users.lock().expect("presence lock poisoned");
         let Some(instances) = users.get_mut(user) else {
             return Ok(());

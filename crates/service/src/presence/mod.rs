@@ -31,8 +31,7 @@ pub trait Presence: Send + Sync + 'static {
     async fn register(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError>;
 
     /// Records that `instance` holds one connection fewer of `user`.
-    async fn unregister(&self, user: &Address, instance: &InstanceId)
-    -> Result<(), PresenceError>;
+    async fn unregister(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError>;
 
     /// Returns every instance that holds a connection of `user`.
     async fn lookup(&self, user: &Address) -> Result<Vec<InstanceId>, PresenceError>;

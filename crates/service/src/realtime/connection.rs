@@ -49,7 +49,10 @@ impl Closing {
 
     /// The peer is gone or the socket failed; no close frame can be sent.
     fn gone() -> Self {
-        Self { code: 0, reason: "" }
+        Self {
+            code: 0,
+            reason: "",
+        }
     }
 }
 
@@ -68,7 +71,12 @@ struct Connection {
 
 /// Runs a connection until the client leaves, the token expires, or the
 /// server shuts down.
-pub async fn run(socket: WebSocket, identity: Identity, registration: Registration, state: RealtimeState) {
+pub async fn run(
+    socket: WebSocket,
+    identity: Identity,
+    registration: Registration,
+    state: RealtimeState,
+) {
     let connection_id = format!("{}-{}", state.instance_id, registration.id());
     let user = identity.user.clone();
     let (sink, stream) = socket.split();
@@ -91,7 +99,9 @@ pub async fn run(socket: WebSocket, identity: Identity, registration: Registrati
         rate_limited: 0,
         last_seen: Instant::now(),
     };
-    let closing = connection.serve(stream, registration, &identity, &connection_id).await;
+    let closing = connection
+        .serve(stream, registration, &identity, &connection_id)
+        .await;
     connection.close(closing).await;
 
     if let Err(err) = presence.unregister(&user, &state.instance_id).await {
@@ -117,10 +127,13 @@ impl Connection {
             return closing;
         }
 
-        let expires_at = identity.expires_at.saturating_add(self.state.app.verifier.leeway());
+        let expires_at = identity
+            .expires_at
+            .saturating_add(self.state.app.verifier.leeway());
         let token_deadline = deadline_at(expires_at);
         let ping_interval = self.state.app.config.websocket.ping_interval;
-        let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
         let shutdown = self.state.shutdown.clone();
         let signals = registration.signals.clone();
 
@@ -151,7 +164,12 @@ impl Connection {
     }
 
     fn window_room(&self) -> usize {
-        self.state.app.config.websocket.max_unacked.saturating_sub(self.in_flight.len())
+        self.state
+            .app
+            .config
+            .websocket
+            .max_unacked
+            .saturating_sub(self.in_flight.len())
     }
 
     fn on_signals(&mut self, registration: &Registration) {
@@ -187,11 +205,20 @@ impl Connection {
 
     async fn send_backlog_page(&mut self) -> Result<(), Closing> {
         let limit = self.window_room().min(BACKLOG_PAGE);
-        let messages = match self.state.app.router.read(&self.user, self.sent_through, limit).await {
+        let messages = match self
+            .state
+            .app
+            .router
+            .read(&self.user, self.sent_through, limit)
+            .await
+        {
             Ok(messages) => messages,
             Err(err) => {
                 tracing::warn!(error = %err, "backlog read failed; closing so the client reconnects");
-                return Err(Closing::new(close_code::GOING_AWAY, "message store unavailable"));
+                return Err(Closing::new(
+                    close_code::GOING_AWAY,
+                    "message store unavailable",
+                ));
             }
         };
         if messages.len() < limit {
@@ -223,7 +250,10 @@ impl Connection {
 
     async fn on_ping_tick(&mut self, interval: Duration) -> Result<(), Closing> {
         if self.last_seen.elapsed() > interval * 2 {
-            return Err(Closing::new(close_code::POLICY, "no pong within two ping intervals"));
+            return Err(Closing::new(
+                close_code::POLICY,
+                "no pong within two ping intervals",
+            ));
         }
         self.write(Message::Ping(bytes::Bytes::new())).await?;
         self.flush().await
@@ -242,7 +272,10 @@ impl Connection {
         match message {
             Message::Text(text) => self.on_text(&text).await,
             Message::Binary(_) => {
-                let error = ApiError::new(ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames");
+                let error = ApiError::new(
+                    ErrorCode::InvalidRequest,
+                    "binary frames are not supported; send JSON text frames",
+                );
                 self.on_bad_frame(error).await
             }
             Message::Ping(_) | Message::Pong(_) => Ok(()),
@@ -270,13 +303,22 @@ impl Connection {
         self.bad_frames += 1;
         self.write_error(error, None).await?;
         if self.bad_frames >= MAX_BAD_FRAMES {
-            return Err(Closing::new(close_code::POLICY, "three invalid frames in a row"));
+            return Err(Closing::new(
+                close_code::POLICY,
+                "three invalid frames in a row",
+            ));
         }
         Ok(())
     }
 
     async fn on_ack(&mut self, up_to_seq: u64) -> Result<(), Closing> {
-        match self.state.app.router.ack(&self.user, AckTarget::UpTo(up_to_seq)).await {
+        match self
+            .state
+            .app
+            .router
+            .ack(&self.user, AckTarget::UpTo(up_to_seq))
+            .await
+        {
             Ok(_) => {
                 self.apply_ack(up_to_seq);
                 Ok(())
@@ -290,7 +332,10 @@ impl Connection {
         match self.state.app.router.accept(&self.user, envelope).await {
             Ok(accepted) => {
                 self.rate_limited = 0;
-                self.write_frame(&ServerFrame::Sent { message_id: accepted.message_id }).await
+                self.write_frame(&ServerFrame::Sent {
+                    message_id: accepted.message_id,
+                })
+                .await
             }
             Err(error) => {
                 let limited = error.code == ErrorCode::RateLimited;
@@ -304,8 +349,16 @@ impl Connection {
         }
     }
 
-    async fn write_error(&mut self, error: ApiError, message_id: Option<String>) -> Result<(), Closing> {
-        let frame = ServerFrame::Error { code: error.code, message: error.message, message_id };
+    async fn write_error(
+        &mut self,
+        error: ApiError,
+        message_id: Option<String>,
+    ) -> Result<(), Closing> {
+        let frame = ServerFrame::Error {
+            code: error.code,
+            message: error.message,
+            message_id,
+        };
         self.write_frame(&frame).await
     }
 
@@ -338,8 +391,12 @@ impl Connection {
         if closing.code == 0 {
             return;
         }
-        let frame = CloseFrame { code: closing.code, reason: Utf8Bytes::from_static(closing.reason) };
-        let _ = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame)))).await;
+        let frame = CloseFrame {
+            code: closing.code,
+            reason: Utf8Bytes::from_static(closing.reason),
+        };
+        let _ =
+            tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame)))).await;
     }
 }
 

@@ -119,9 +119,19 @@ impl Hub {
         let (sender, queue) = mpsc::channel(CONNECTION_QUEUE);
         let signals = Arc::new(Signals::default());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        slots.push(Slot { id, queue: sender, signals: signals.clone() });
+        slots.push(Slot {
+            id,
+            queue: sender,
+            signals: signals.clone(),
+        });
         drop(shard);
-        Ok(Registration { hub: self.clone(), user: user.clone(), id, queue, signals })
+        Ok(Registration {
+            hub: self.clone(),
+            user: user.clone(),
+            id,
+            queue,
+            signals,
+        })
     }
 
     fn unregister(&self, user: &Address, id: u64) {
@@ -139,12 +149,21 @@ impl Hub {
     /// Hands a bus event to every local connection of its recipient.
     pub fn dispatch(&self, event: BusEvent) {
         match event {
-            BusEvent::Delivery { recipient, seq, received_at_ms, frame } => {
+            BusEvent::Delivery {
+                recipient,
+                seq,
+                received_at_ms,
+                frame,
+            } => {
                 let Ok(frame) = Utf8Bytes::try_from(frame) else {
                     tracing::error!(seq, "dropped a delivery whose frame is not UTF-8");
                     return;
                 };
-                let message = LiveMessage { seq, received_at_ms, frame };
+                let message = LiveMessage {
+                    seq,
+                    received_at_ms,
+                    frame,
+                };
                 self.each_connection(&recipient, |slot| {
                     if slot.queue.try_send(message.clone()).is_err() {
                         slot.signals.lagged.store(true, Ordering::Release);
@@ -233,7 +252,10 @@ mod tests {
         assert_eq!(hub.register(&bob).err(), Some(RegisterError::UserFull));
         let _second = hub.register(&alice).unwrap();
         let carol = Address::parse("carol").unwrap();
-        assert_eq!(hub.register(&carol).err(), Some(RegisterError::InstanceFull));
+        assert_eq!(
+            hub.register(&carol).err(),
+            Some(RegisterError::InstanceFull)
+        );
         drop(first);
         assert_eq!(hub.open_connections(), 1);
         assert!(hub.register(&bob).is_ok());

@@ -85,19 +85,25 @@ async fn accept_upgrade(
     };
     let identity = state.app.verifier.verify(&token).await?;
     let upgrade = upgrade.map_err(|rejection| {
-        ApiError::new(ErrorCode::InvalidRequest, format!("not a WebSocket upgrade: {rejection}"))
+        ApiError::new(
+            ErrorCode::InvalidRequest,
+            format!("not a WebSocket upgrade: {rejection}"),
+        )
     })?;
 
-    let registration = state.hub.register(&identity.user).map_err(|err| match err {
-        hub::RegisterError::UserFull => ApiError::new(
-            ErrorCode::RateLimited,
-            "this user holds the maximum number of connections; close one first",
-        ),
-        hub::RegisterError::InstanceFull => ApiError::new(
-            ErrorCode::Unavailable,
-            "this instance holds the maximum number of connections; retry later",
-        ),
-    })?;
+    let registration = state
+        .hub
+        .register(&identity.user)
+        .map_err(|err| match err {
+            hub::RegisterError::UserFull => ApiError::new(
+                ErrorCode::RateLimited,
+                "this user holds the maximum number of connections; close one first",
+            ),
+            hub::RegisterError::InstanceFull => ApiError::new(
+                ErrorCode::Unavailable,
+                "this instance holds the maximum number of connections; retry later",
+            ),
+        })?;
 
     let max_message = state.app.config.limits.max_envelope_bytes + FRAME_OVERHEAD_BYTES;
     let tasks = state.tasks.clone();
@@ -116,5 +122,8 @@ async fn accept_upgrade(
 /// Reads the `token` query parameter. Its value is never logged.
 fn query_token(query: Option<&str>) -> Option<String> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query?).ok()?;
-    pairs.into_iter().find(|(key, _)| key == "token").map(|(_, value)| value)
+    pairs
+        .into_iter()
+        .find(|(key, _)| key == "token")
+        .map(|(_, value)| value)
 }

@@ -35,15 +35,37 @@ async fn send_stores_and_forces_sender() {
     assert_eq!(answer.recipient_id, "urn:sm:user:bob");
     assert!(!answer.message_id.is_empty(), "server assigns a messageId");
 
-    let page = app.client("bob").messages(0, 100).await.unwrap().expect("one message");
+    let page = app
+        .client("bob")
+        .messages(0, 100)
+        .await
+        .unwrap()
+        .expect("one message");
     assert_eq!(page.messages.len(), 1);
     let item = &page.messages[0];
     assert_eq!(item.seq, 1);
-    assert_eq!(item.envelope.sender_id.as_deref(), Some("urn:sm:user:alice"));
-    assert_eq!(item.envelope.recipient_id.as_deref(), Some("urn:sm:user:bob"));
-    assert_eq!(item.envelope.message_id.as_deref(), Some(answer.message_id.as_str()));
-    assert_eq!(item.envelope.encrypted_data.as_deref(), Some("aGVsbG8="), "padded on output");
-    assert_eq!(item.envelope.signature.as_deref(), Some("+/8="), "standard alphabet on output");
+    assert_eq!(
+        item.envelope.sender_id.as_deref(),
+        Some("urn:sm:user:alice")
+    );
+    assert_eq!(
+        item.envelope.recipient_id.as_deref(),
+        Some("urn:sm:user:bob")
+    );
+    assert_eq!(
+        item.envelope.message_id.as_deref(),
+        Some(answer.message_id.as_str())
+    );
+    assert_eq!(
+        item.envelope.encrypted_data.as_deref(),
+        Some("aGVsbG8="),
+        "padded on output"
+    );
+    assert_eq!(
+        item.envelope.signature.as_deref(),
+        Some("+/8="),
+        "standard alphabet on output"
+    );
     assert_eq!(item.received_at.len(), "2026-12-04T19:14:13.123Z".len());
     assert!(item.received_at.ends_with('Z'));
     assert_eq!(page.next_after, None);
@@ -55,7 +77,10 @@ async fn bare_id_and_urn_recipients_share_a_mailbox() {
     let app = TestApp::spawn().await;
     let alice = app.client("alice");
     alice.send(&envelope("bob", "MQ==")).await.unwrap();
-    alice.send(&envelope("urn:sm:user:bob", "Mg==")).await.unwrap();
+    alice
+        .send(&envelope("urn:sm:user:bob", "Mg=="))
+        .await
+        .unwrap();
     assert_eq!(stored_count(&app, "bob").await, 2);
     app.stop().await;
 }
@@ -66,27 +91,98 @@ async fn send_rejects_bad_envelopes_and_stores_nothing() {
     let token = app.token("alice");
     let cases: Vec<(&str, String, u16, ErrorCode)> = vec![
         ("not json", "{".into(), 400, ErrorCode::InvalidJson),
-        ("trailing garbage", r#"{"recipientId":"bob","encryptedData":"aGk="} x"#.into(), 400, ErrorCode::InvalidJson),
-        ("unknown field", r#"{"recipientId":"bob","encryptedData":"aGk=","extra":1}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("duplicate key", r#"{"recipientId":"bob","recipientId":"eve","encryptedData":"aGk="}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("missing recipient", r#"{"encryptedData":"aGk="}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("invalid recipient", r#"{"recipientId":"b ob","encryptedData":"aGk="}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("foreign urn", r#"{"recipientId":"urn:x:bob","encryptedData":"aGk="}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("missing data", r#"{"recipientId":"bob"}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("empty data", r#"{"recipientId":"bob","encryptedData":""}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("bad base64", r#"{"recipientId":"bob","encryptedData":"a$b"}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("bad key base64", r#"{"recipientId":"bob","encryptedData":"aGk=","encryptedSymmetricKey":"%%"}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("bad messageId", r#"{"recipientId":"bob","encryptedData":"aGk=","messageId":"a/b"}"#.into(), 400, ErrorCode::InvalidEnvelope),
-        ("wrong type", r#"{"recipientId":7,"encryptedData":"aGk="}"#.into(), 400, ErrorCode::InvalidEnvelope),
+        (
+            "trailing garbage",
+            r#"{"recipientId":"bob","encryptedData":"aGk="} x"#.into(),
+            400,
+            ErrorCode::InvalidJson,
+        ),
+        (
+            "unknown field",
+            r#"{"recipientId":"bob","encryptedData":"aGk=","extra":1}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "duplicate key",
+            r#"{"recipientId":"bob","recipientId":"eve","encryptedData":"aGk="}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "missing recipient",
+            r#"{"encryptedData":"aGk="}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "invalid recipient",
+            r#"{"recipientId":"b ob","encryptedData":"aGk="}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "foreign urn",
+            r#"{"recipientId":"urn:x:bob","encryptedData":"aGk="}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "missing data",
+            r#"{"recipientId":"bob"}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "empty data",
+            r#"{"recipientId":"bob","encryptedData":""}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "bad base64",
+            r#"{"recipientId":"bob","encryptedData":"a$b"}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "bad key base64",
+            r#"{"recipientId":"bob","encryptedData":"aGk=","encryptedSymmetricKey":"%%"}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "bad messageId",
+            r#"{"recipientId":"bob","encryptedData":"aGk=","messageId":"a/b"}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
+            "wrong type",
+            r#"{"recipientId":7,"encryptedData":"aGk="}"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
         ("array body", "[]".into(), 400, ErrorCode::InvalidEnvelope),
-        ("too large", format!(r#"{{"recipientId":"bob","encryptedData":"{}"}}"#, "A".repeat(2000)), 413, ErrorCode::TooLarge),
+        (
+            "too large",
+            format!(
+                r#"{{"recipientId":"bob","encryptedData":"{}"}}"#,
+                "A".repeat(2000)
+            ),
+            413,
+            ErrorCode::TooLarge,
+        ),
     ];
     for (name, body, status, code) in cases {
         let response = post_send(&app, &token, &body).await;
         assert_eq!(response.status().as_u16(), status, "case {name}");
         let error: Value = response.json().await.unwrap();
         assert_eq!(error["error"], json!(code.as_str()), "case {name}: {error}");
-        assert!(error["message"].as_str().is_some_and(|m| !m.is_empty()), "case {name}");
+        assert!(
+            error["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "case {name}"
+        );
     }
     assert_eq!(stored_count(&app, "bob").await, 0, "nothing stored");
     app.stop().await;
@@ -115,13 +211,28 @@ async fn bad_tokens_get_401_with_challenge() {
     let expired = {
         use jsonwebtoken::{EncodingKey, Header, encode};
         let claims = json!({"sub": "alice", "exp": 1_000_000_000u64});
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(crate::support::SECRET.as_bytes()).unwrap()).unwrap()
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(crate::support::SECRET.as_bytes()).unwrap(),
+        )
+        .unwrap()
     };
-    let forged = mint_hs256("another-secret-that-is-32-bytes-long!", "alice", std::time::Duration::from_secs(60)).unwrap();
+    let forged = mint_hs256(
+        "another-secret-that-is-32-bytes-long!",
+        "alice",
+        std::time::Duration::from_secs(60),
+    )
+    .unwrap();
     let bad_sub = {
         use jsonwebtoken::{EncodingKey, Header, encode};
         let claims = json!({"sub": "al ice", "exp": 4_000_000_000u64});
-        encode(&Header::default(), &claims, &EncodingKey::from_secret(crate::support::SECRET.as_bytes()).unwrap()).unwrap()
+        encode(
+            &Header::default(),
+            &claims,
+            &EncodingKey::from_secret(crate::support::SECRET.as_bytes()).unwrap(),
+        )
+        .unwrap()
     };
     for (name, header) in [
         ("missing", None),
@@ -140,7 +251,11 @@ async fn bad_tokens_get_401_with_challenge() {
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status().as_u16(), 401, "case {name}");
-        assert_eq!(response.headers()["www-authenticate"], "Bearer", "case {name}");
+        assert_eq!(
+            response.headers()["www-authenticate"],
+            "Bearer",
+            "case {name}"
+        );
         assert_error(response, 401, ErrorCode::Unauthorized).await;
     }
     assert_eq!(stored_count(&app, "bob").await, 0);
@@ -151,8 +266,14 @@ async fn bad_tokens_get_401_with_challenge() {
 async fn dedupe_answers_retries_and_rejects_conflicts() {
     let app = TestApp::spawn().await;
     let alice = app.client("alice");
-    let first = alice.send(&envelope_with_id("bob", "MQ==", "m-1")).await.unwrap();
-    let retry = alice.send(&envelope_with_id("bob", "MQ", "m-1")).await.unwrap();
+    let first = alice
+        .send(&envelope_with_id("bob", "MQ==", "m-1"))
+        .await
+        .unwrap();
+    let retry = alice
+        .send(&envelope_with_id("bob", "MQ", "m-1"))
+        .await
+        .unwrap();
     assert_eq!(first, retry, "a retry is answered as the first was");
 
     let conflict = reqwest::Client::new()
@@ -164,13 +285,31 @@ async fn dedupe_answers_retries_and_rejects_conflicts() {
         .unwrap();
     assert_error(conflict, 409, ErrorCode::Conflict).await;
 
-    alice.send(&envelope_with_id("carol", "MQ==", "m-1")).await.unwrap();
-    app.client("dave").send(&envelope_with_id("bob", "Mw==", "m-1")).await.unwrap();
+    alice
+        .send(&envelope_with_id("carol", "MQ==", "m-1"))
+        .await
+        .unwrap();
+    app.client("dave")
+        .send(&envelope_with_id("bob", "Mw==", "m-1"))
+        .await
+        .unwrap();
 
     let page = app.client("bob").messages(0, 100).await.unwrap().unwrap();
-    let data: Vec<_> = page.messages.iter().map(|m| m.envelope.encrypted_data.clone().unwrap()).collect();
-    assert_eq!(data, ["MQ==", "Mw=="], "first message stands; another sender's same id is new");
-    assert_eq!(stored_count(&app, "carol").await, 1, "same id to another recipient is stored");
+    let data: Vec<_> = page
+        .messages
+        .iter()
+        .map(|m| m.envelope.encrypted_data.clone().unwrap())
+        .collect();
+    assert_eq!(
+        data,
+        ["MQ==", "Mw=="],
+        "first message stands; another sender's same id is new"
+    );
+    assert_eq!(
+        stored_count(&app, "carol").await,
+        1,
+        "same id to another recipient is stored"
+    );
     app.stop().await;
 }
 
@@ -179,18 +318,30 @@ async fn messages_page_in_seq_order() {
     let app = TestApp::spawn().await;
     let alice = app.client("alice");
     for index in 1..=5 {
-        alice.send(&envelope("bob", &format!("{index}AAA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("{index}AAA")))
+            .await
+            .unwrap();
     }
     let bob = app.client("bob");
     let first = bob.messages(0, 2).await.unwrap().unwrap();
-    assert_eq!(first.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+    assert_eq!(
+        first.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [1, 2]
+    );
     assert_eq!(first.next_after, Some(2));
     let second = bob.messages(2, 2).await.unwrap().unwrap();
-    assert_eq!(second.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [3, 4]);
+    assert_eq!(
+        second.messages.iter().map(|m| m.seq).collect::<Vec<_>>(),
+        [3, 4]
+    );
     let last = bob.messages(4, 2).await.unwrap().unwrap();
     assert_eq!(last.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [5]);
     assert_eq!(last.next_after, None);
-    assert!(bob.messages(5, 2).await.unwrap().is_none(), "204 after the end");
+    assert!(
+        bob.messages(5, 2).await.unwrap().is_none(),
+        "204 after the end"
+    );
     let again = bob.messages(0, 100).await.unwrap().unwrap();
     assert_eq!(again.messages.len(), 5, "reading deletes nothing");
     app.stop().await;
@@ -216,24 +367,60 @@ async fn ack_deletes_only_callers_messages() {
     let app = TestApp::spawn().await;
     let alice = app.client("alice");
     for index in 1..=4 {
-        alice.send(&envelope_with_id("bob", "QQ==", &format!("b{index}"))).await.unwrap();
-        alice.send(&envelope_with_id("carol", "QQ==", &format!("c{index}"))).await.unwrap();
+        alice
+            .send(&envelope_with_id("bob", "QQ==", &format!("b{index}")))
+            .await
+            .unwrap();
+        alice
+            .send(&envelope_with_id("carol", "QQ==", &format!("c{index}")))
+            .await
+            .unwrap();
     }
     let bob = app.client("bob");
     let carol = app.client("carol");
 
-    carol.ack(&AckRequest { up_to_seq: Some(100), message_ids: None }).await.unwrap();
-    carol.ack(&AckRequest { up_to_seq: None, message_ids: Some(vec!["b3".into()]) }).await.unwrap();
-    assert_eq!(stored_count(&app, "bob").await, 4, "another user's ack touches nothing of bob");
+    carol
+        .ack(&AckRequest {
+            up_to_seq: Some(100),
+            message_ids: None,
+        })
+        .await
+        .unwrap();
+    carol
+        .ack(&AckRequest {
+            up_to_seq: None,
+            message_ids: Some(vec!["b3".into()]),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        stored_count(&app, "bob").await,
+        4,
+        "another user's ack touches nothing of bob"
+    );
     assert_eq!(stored_count(&app, "carol").await, 0);
 
-    bob.ack(&AckRequest { up_to_seq: Some(2), message_ids: None }).await.unwrap();
-    bob.ack(&AckRequest { up_to_seq: None, message_ids: Some(vec!["b4".into()]) }).await.unwrap();
+    bob.ack(&AckRequest {
+        up_to_seq: Some(2),
+        message_ids: None,
+    })
+    .await
+    .unwrap();
+    bob.ack(&AckRequest {
+        up_to_seq: None,
+        message_ids: Some(vec!["b4".into()]),
+    })
+    .await
+    .unwrap();
     let page = bob.messages(0, 100).await.unwrap().unwrap();
     assert_eq!(page.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [3]);
 
     alice.send(&envelope("carol", "QQ==")).await.unwrap();
-    let page = carol.messages(0, 100).await.unwrap().expect("an ack above the last seq does not swallow new mail");
+    let page = carol
+        .messages(0, 100)
+        .await
+        .unwrap()
+        .expect("an ack above the last seq does not swallow new mail");
     assert_eq!(page.messages[0].seq, 5);
     app.stop().await;
 }
@@ -241,16 +428,39 @@ async fn ack_deletes_only_callers_messages() {
 #[tokio::test]
 async fn ack_rejects_bad_bodies() {
     let app = TestApp::spawn().await;
-    let ids = (0..1001).map(|i| format!("\"m{i}\"")).collect::<Vec<_>>().join(",");
+    let ids = (0..1001)
+        .map(|i| format!("\"m{i}\""))
+        .collect::<Vec<_>>()
+        .join(",");
     let many = format!(r#"{{"messageIds":[{ids}]}}"#);
     let cases: Vec<(&str, String, ErrorCode)> = vec![
         ("not json", "{".into(), ErrorCode::InvalidJson),
         ("empty object", "{}".into(), ErrorCode::InvalidRequest),
-        ("both fields", r#"{"upToSeq":1,"messageIds":["a"]}"#.into(), ErrorCode::InvalidRequest),
-        ("unknown field", r#"{"upToSeq":1,"x":2}"#.into(), ErrorCode::InvalidRequest),
-        ("negative seq", r#"{"upToSeq":-1}"#.into(), ErrorCode::InvalidRequest),
-        ("empty ids", r#"{"messageIds":[]}"#.into(), ErrorCode::InvalidRequest),
-        ("bad id", r#"{"messageIds":["a b"]}"#.into(), ErrorCode::InvalidRequest),
+        (
+            "both fields",
+            r#"{"upToSeq":1,"messageIds":["a"]}"#.into(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "unknown field",
+            r#"{"upToSeq":1,"x":2}"#.into(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "negative seq",
+            r#"{"upToSeq":-1}"#.into(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "empty ids",
+            r#"{"messageIds":[]}"#.into(),
+            ErrorCode::InvalidRequest,
+        ),
+        (
+            "bad id",
+            r#"{"messageIds":["a b"]}"#.into(),
+            ErrorCode::InvalidRequest,
+        ),
         ("too many ids", many, ErrorCode::InvalidRequest),
     ];
     for (name, body, code) in cases {
@@ -274,7 +484,10 @@ async fn full_mailbox_answers_429() {
     let app = TestApp::spawn_with(|c| c.limits.max_stored_per_user = 3).await;
     let alice = app.client("alice");
     for index in 0..3 {
-        alice.send(&envelope("bob", &format!("{index}AAA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("{index}AAA")))
+            .await
+            .unwrap();
     }
     let response = reqwest::Client::new()
         .post(format!("{}/send", app.api))
@@ -287,8 +500,17 @@ async fn full_mailbox_answers_429() {
     assert_error(response, 429, ErrorCode::MailboxFull).await;
     assert_eq!(stored_count(&app, "bob").await, 3, "nothing more stored");
 
-    app.client("bob").ack(&AckRequest { up_to_seq: Some(1), message_ids: None }).await.unwrap();
-    alice.send(&envelope("bob", "QUFB")).await.expect("room after an ack");
+    app.client("bob")
+        .ack(&AckRequest {
+            up_to_seq: Some(1),
+            message_ids: None,
+        })
+        .await
+        .unwrap();
+    alice
+        .send(&envelope("bob", "QUFB"))
+        .await
+        .expect("room after an ack");
     app.stop().await;
 }
 
@@ -311,27 +533,43 @@ async fn send_rate_is_limited_per_user() {
         .unwrap();
     assert!(response.headers().contains_key("retry-after"));
     assert_error(response, 429, ErrorCode::RateLimited).await;
-    app.client("carol").send(&envelope("bob", "QQ==")).await.expect("other users keep their own rate");
+    app.client("carol")
+        .send(&envelope("bob", "QQ=="))
+        .await
+        .expect("other users keep their own rate");
     assert_eq!(stored_count(&app, "bob").await, 3);
     app.stop().await;
 }
 
 #[tokio::test]
 async fn cors_allows_listed_origins_only() {
-    let app = TestApp::spawn_with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
+    let app =
+        TestApp::spawn_with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
     let http = reqwest::Client::new();
     let preflight = http
         .request(reqwest::Method::OPTIONS, format!("{}/send", app.api))
         .header("origin", "https://app.example")
         .header("access-control-request-method", "POST")
-        .header("access-control-request-headers", "authorization,content-type")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
         .send()
         .await
         .unwrap();
     assert!(preflight.status().is_success());
-    assert_eq!(preflight.headers()["access-control-allow-origin"], "https://app.example");
-    let allowed = preflight.headers()["access-control-allow-headers"].to_str().unwrap().to_lowercase();
-    assert!(allowed.contains("authorization") && allowed.contains("content-type"), "{allowed}");
+    assert_eq!(
+        preflight.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    let allowed = preflight.headers()["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_lowercase();
+    assert!(
+        allowed.contains("authorization") && allowed.contains("content-type"),
+        "{allowed}"
+    );
 
     for origin in ["https://evil.example", "https://app.example.evil", "null"] {
         let response = http
@@ -362,7 +600,10 @@ async fn unknown_paths_and_methods_get_json_errors() {
 #[tokio::test]
 async fn probes_and_metrics_answer() {
     let app = TestApp::spawn().await;
-    app.client("alice").send(&envelope("bob", "QQ==")).await.unwrap();
+    app.client("alice")
+        .send(&envelope("bob", "QQ=="))
+        .await
+        .unwrap();
     let http = reqwest::Client::new();
     for base in [&app.api, &app.ws.replace("ws://", "http://")] {
         let health = http.get(format!("{base}/healthz")).send().await.unwrap();
@@ -374,8 +615,19 @@ async fn probes_and_metrics_answer() {
         assert_eq!(body["status"], "ready");
         assert_eq!(body["components"]["mailbox"], "ok");
     }
-    let metrics = http.get(format!("{}/metrics", app.api)).send().await.unwrap().text().await.unwrap();
-    for name in ["routing_messages_accepted_total", "routing_messages_stored_total", "routing_backend_call_duration_seconds"] {
+    let metrics = http
+        .get(format!("{}/metrics", app.api))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "routing_messages_accepted_total",
+        "routing_messages_stored_total",
+        "routing_backend_call_duration_seconds",
+    ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
     app.stop().await;

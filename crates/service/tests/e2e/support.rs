@@ -15,6 +15,7 @@ pub const WAIT: Duration = Duration::from_secs(10);
 pub struct TestApp {
     pub api: String,
     pub ws: String,
+    #[allow(dead_code)]
     pub config: Config,
     server: Option<Server>,
     _dir: tempfile::TempDir,
@@ -68,7 +69,10 @@ pub fn envelope(to: &str, data: &str) -> WireEnvelope {
 }
 
 pub fn envelope_with_id(to: &str, data: &str, id: &str) -> WireEnvelope {
-    WireEnvelope { message_id: Some(id.into()), ..envelope(to, data) }
+    WireEnvelope {
+        message_id: Some(id.into()),
+        ..envelope(to, data)
+    }
 }
 
 /// Asserts an HTTP error answer: status, JSON code, and a non-empty message.

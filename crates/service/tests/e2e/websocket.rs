@@ -6,21 +6,32 @@ use routing_client::Event;
 use routing_protocol::{ClientFrame, ErrorCode, ServerFrame, close_code};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use crate::support::{TestApp, WAIT, assert_quiet, connect, envelope, envelope_with_id, next_event, next_message};
+use crate::support::{
+    TestApp, WAIT, assert_quiet, connect, envelope, envelope_with_id, next_event, next_message,
+};
 
 #[tokio::test]
 async fn backlog_then_live_in_seq_order() {
     let app = TestApp::spawn().await;
     let alice = app.client("alice");
     for index in 1..=3 {
-        alice.send(&envelope("bob", &format!("b{index}AA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("b{index}AA")))
+            .await
+            .unwrap();
     }
     let mut bob = connect(&app.client("bob")).await;
     for expected in 1..=3 {
-        assert_eq!(next_message(&mut bob).await, (expected, format!("b{expected}AA")));
+        assert_eq!(
+            next_message(&mut bob).await,
+            (expected, format!("b{expected}AA"))
+        );
     }
     for index in 4..=6 {
-        alice.send(&envelope("bob", &format!("b{index}AA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("b{index}AA")))
+            .await
+            .unwrap();
     }
     for expected in 4..=6 {
         assert_eq!(next_message(&mut bob).await.0, expected);
@@ -38,7 +49,10 @@ async fn live_delivery_under_concurrent_sends_has_no_gap_or_duplicate() {
         let client = app.client(&format!("s{sender}"));
         senders.push(tokio::spawn(async move {
             for index in 0..25 {
-                client.send(&envelope("bob", &format!("{sender}x{index:02}"))).await.unwrap();
+                client
+                    .send(&envelope("bob", &format!("{sender}x{index:02}")))
+                    .await
+                    .unwrap();
             }
         }));
     }
@@ -61,7 +75,10 @@ async fn unacked_messages_are_redelivered_with_same_seq() {
     let app = TestApp::spawn().await;
     let alice = app.client("alice");
     for index in 1..=3 {
-        alice.send(&envelope("bob", &format!("m{index}AA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("m{index}AA")))
+            .await
+            .unwrap();
     }
     let bob_client = app.client("bob");
     let mut bob = connect(&bob_client).await;
@@ -87,7 +104,10 @@ async fn every_connection_of_a_user_receives_every_message() {
     let mut second = connect(&bob_client).await;
     let alice = app.client("alice");
     for index in 1..=3 {
-        alice.send(&envelope("bob", &format!("m{index}AA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("m{index}AA")))
+            .await
+            .unwrap();
     }
     for expected in 1..=3 {
         assert_eq!(next_message(&mut first).await.0, expected);
@@ -101,7 +121,10 @@ async fn window_waits_for_acks() {
     let app = TestApp::spawn_with(|c| c.websocket.max_unacked = 2).await;
     let alice = app.client("alice");
     for index in 1..=5 {
-        alice.send(&envelope("bob", &format!("m{index}AA"))).await.unwrap();
+        alice
+            .send(&envelope("bob", &format!("m{index}AA")))
+            .await
+            .unwrap();
     }
     let mut bob = connect(&app.client("bob")).await;
     assert_eq!(next_message(&mut bob).await.0, 1);
@@ -116,7 +139,11 @@ async fn window_waits_for_acks() {
     alice.send(&envelope("bob", "bTZBQQ==")).await.unwrap();
     bob.ack(4).await.unwrap();
     assert_eq!(next_message(&mut bob).await.0, 5);
-    assert_eq!(next_message(&mut bob).await.0, 6, "a live message waits in the mailbox while the window is full");
+    assert_eq!(
+        next_message(&mut bob).await.0,
+        6,
+        "a live message waits in the mailbox while the window is full"
+    );
     app.stop().await;
 }
 
@@ -125,17 +152,28 @@ async fn websocket_send_answers_sent_or_error() {
     let app = TestApp::spawn().await;
     let mut alice = connect(&app.client("alice")).await;
     alice
-        .send_frame(&ClientFrame::Send { envelope: envelope_with_id("bob", "QQ==", "w-1") })
+        .send_frame(&ClientFrame::Send {
+            envelope: envelope_with_id("bob", "QQ==", "w-1"),
+        })
         .await
         .unwrap();
-    assert_eq!(next_event(&mut alice).await, Event::Frame(ServerFrame::Sent { message_id: "w-1".into() }));
+    assert_eq!(
+        next_event(&mut alice).await,
+        Event::Frame(ServerFrame::Sent {
+            message_id: "w-1".into()
+        })
+    );
 
     alice
-        .send_frame(&ClientFrame::Send { envelope: envelope_with_id("bob", "", "w-2") })
+        .send_frame(&ClientFrame::Send {
+            envelope: envelope_with_id("bob", "", "w-2"),
+        })
         .await
         .unwrap();
     match next_event(&mut alice).await {
-        Event::Frame(ServerFrame::Error { code, message_id, .. }) => {
+        Event::Frame(ServerFrame::Error {
+            code, message_id, ..
+        }) => {
             assert_eq!(code, ErrorCode::InvalidEnvelope);
             assert_eq!(message_id.as_deref(), Some("w-2"));
         }
@@ -159,12 +197,25 @@ async fn three_bad_frames_in_a_row_close_with_1008() {
     let app = TestApp::spawn().await;
     let mut alice = connect(&app.client("alice")).await;
     alice.send_text("not json").await.unwrap();
-    assert!(matches!(next_event(&mut alice).await, Event::Frame(ServerFrame::Error { code: ErrorCode::InvalidJson, .. })));
+    assert!(matches!(
+        next_event(&mut alice).await,
+        Event::Frame(ServerFrame::Error {
+            code: ErrorCode::InvalidJson,
+            ..
+        })
+    ));
     alice.send_text(r#"{"type":"ping"}"#).await.unwrap();
-    assert_eq!(next_event(&mut alice).await, Event::Frame(ServerFrame::Pong), "a good frame resets the count");
+    assert_eq!(
+        next_event(&mut alice).await,
+        Event::Frame(ServerFrame::Pong),
+        "a good frame resets the count"
+    );
     for text in [r#"{"type":"nope"}"#, r#"{"type":"ack"}"#, "{"] {
         alice.send_text(text).await.unwrap();
-        assert!(matches!(next_event(&mut alice).await, Event::Frame(ServerFrame::Error { .. })));
+        assert!(matches!(
+            next_event(&mut alice).await,
+            Event::Frame(ServerFrame::Error { .. })
+        ));
     }
     match next_event(&mut alice).await {
         Event::Closed(Some((code, _))) => assert_eq!(code, close_code::POLICY),
@@ -185,8 +236,14 @@ async fn oversized_frame_closes_with_1009() {
     app.stop().await;
 }
 
-async fn upgrade_status(app: &TestApp, path_and_query: &str, headers: &[(&'static str, String)]) -> u16 {
-    let mut request = format!("{}{path_and_query}", app.ws).into_client_request().unwrap();
+async fn upgrade_status(
+    app: &TestApp,
+    path_and_query: &str,
+    headers: &[(&'static str, String)],
+) -> u16 {
+    let mut request = format!("{}{path_and_query}", app.ws)
+        .into_client_request()
+        .unwrap();
     for (name, value) in headers {
         request.headers_mut().insert(*name, value.parse().unwrap());
     }
@@ -199,16 +256,29 @@ async fn upgrade_status(app: &TestApp, path_and_query: &str, headers: &[(&'stati
 
 #[tokio::test]
 async fn upgrade_checks_token_and_origin_first() {
-    let app = TestApp::spawn_with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
+    let app =
+        TestApp::spawn_with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
     let token = app.token("bob");
     let bearer = format!("Bearer {token}");
     assert_eq!(upgrade_status(&app, "/connect", &[]).await, 401);
     assert_eq!(upgrade_status(&app, "/connect?token=bad", &[]).await, 401);
-    assert_eq!(upgrade_status(&app, &format!("/connect?token={token}"), &[]).await, 101);
-    assert_eq!(upgrade_status(&app, "/connect", &[("authorization", bearer.clone())]).await, 101);
-    let evil = [("authorization", bearer.clone()), ("origin", "https://evil.example".to_owned())];
+    assert_eq!(
+        upgrade_status(&app, &format!("/connect?token={token}"), &[]).await,
+        101
+    );
+    assert_eq!(
+        upgrade_status(&app, "/connect", &[("authorization", bearer.clone())]).await,
+        101
+    );
+    let evil = [
+        ("authorization", bearer.clone()),
+        ("origin", "https://evil.example".to_owned()),
+    ];
     assert_eq!(upgrade_status(&app, "/connect", &evil).await, 403);
-    let good = [("authorization", bearer), ("origin", "https://app.example".to_owned())];
+    let good = [
+        ("authorization", bearer),
+        ("origin", "https://app.example".to_owned()),
+    ];
     assert_eq!(upgrade_status(&app, "/connect", &good).await, 101);
     app.stop().await;
 }
@@ -216,7 +286,9 @@ async fn upgrade_checks_token_and_origin_first() {
 #[tokio::test]
 async fn token_expiry_closes_with_4001() {
     let app = TestApp::spawn_with(|c| c.auth.leeway_seconds = 0).await;
-    let token = routing_service::auth::mint_hs256(crate::support::SECRET, "bob", Duration::from_secs(2)).unwrap();
+    let token =
+        routing_service::auth::mint_hs256(crate::support::SECRET, "bob", Duration::from_secs(2))
+            .unwrap();
     let client = routing_client::Client::new(&app.api, &app.ws, &token);
     let mut bob = connect(&client).await;
     match next_event(&mut bob).await {
@@ -246,7 +318,10 @@ async fn slow_consumer_is_closed_with_4008() {
     tokio::time::sleep(Duration::from_millis(700)).await;
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        assert!(tokio::time::Instant::now() < deadline, "no 4008 close within the wait");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no 4008 close within the wait"
+        );
         match next_event(&mut bob).await {
             Event::Frame(ServerFrame::Message { .. }) => continue,
             Event::Closed(Some((code, _))) => {
