@@ -1,8 +1,14 @@
 //! Bearer token verification (JWT) and the `token` command's minting.
 //!
-//! The accepted algorithms come from `auth.algorithms`, never from the token
-//! header. `sub` and `exp` are required; `nbf`, `iat`, `iss` and `aud` are
-//! checked when present or configured.
+//! The accepted algorithms come from `auth.algorithms`. The token header's
+//! `alg` only picks one of them: HS256 verifies only with `JWT_SECRET`, and
+//! RS256, ES256 and EdDSA only with the JWKS key named by `kid`, whose key
+//! type must allow exactly that algorithm. So no key of one kind can verify
+//! a token of another, and `none` is never accepted. `sub` and `exp` are
+//! required; `nbf`, `iat`, `iss` and `aud` are checked when present or
+//! configured.
+
+mod jwks;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -12,6 +18,12 @@ use routing_protocol::Address;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Algorithm, Config};
+use jwks::JwksCache;
+pub use jwks::JwksOptions;
+
+/// The maximum token length, in bytes. Longer tokens are rejected before
+/// any decoding.
+pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 
 /// The authenticated caller.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,15 +60,24 @@ pub enum AuthSetupError {
     /// No algorithm is configured.
     #[error("auth.algorithms is empty; list at least one of HS256, RS256, ES256, EdDSA")]
     NoAlgorithm,
-    /// An asymmetric algorithm is configured without a JWKS URL.
-    #[error("auth.algorithms includes {0:?}, which needs auth.jwks_url")]
+    /// An asymmetric algorithm is configured without a usable JWKS URL.
+    #[error(
+        "auth.algorithms includes {0:?}, which needs auth.jwks_url set to an http or https URL"
+    )]
     MissingJwks(Algorithm),
+    /// The HTTP client for the JWKS could not be built.
+    #[error("cannot build the HTTP client for auth.jwks_url: {0}")]
+    HttpClient(reqwest::Error),
 }
 
+/// The claims this service reads. `sub` and `exp` are optional here only so
+/// that a missing one is reported as missing, not as a type error.
 #[derive(Debug, Serialize, Deserialize)]
 struct Claims {
-    sub: String,
-    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exp: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     iat: Option<u64>,
 }
@@ -64,7 +85,9 @@ struct Claims {
 /// Verifies bearer tokens against the configured keys and claims.
 pub struct Verifier {
     hs256: Option<DecodingKey>,
-    validation: Validation,
+    jwks: Option<JwksCache>,
+    /// One validation per accepted algorithm, each accepting only it.
+    validations: Vec<(jsonwebtoken::Algorithm, Validation)>,
     leeway: u64,
 }
 
@@ -77,82 +100,204 @@ impl std::fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// Builds a verifier from `auth.*` and `JWT_SECRET`.
-    pub fn new(config: &Config) -> Result<Self, AuthSetupError> {
+    /// Builds a verifier from `auth.*` and `JWT_SECRET`, with the default
+    /// JWKS limits. When an asymmetric algorithm is accepted, it fetches the
+    /// JWKS once before it returns and starts a background refresh, so it
+    /// must run inside a Tokio runtime. A failed first fetch does not fail
+    /// the call: it is logged, retried in the background, and tokens that
+    /// need a JWKS key are rejected until a fetch succeeds.
+    pub async fn new(config: &Config) -> Result<Self, AuthSetupError> {
+        Self::with_jwks_options(config, JwksOptions::default()).await
+    }
+
+    /// Builds a verifier like [`Verifier::new`], with the given JWKS limits.
+    pub async fn with_jwks_options(
+        config: &Config,
+        options: JwksOptions,
+    ) -> Result<Self, AuthSetupError> {
         let auth = &config.auth;
         if auth.algorithms.is_empty() {
             return Err(AuthSetupError::NoAlgorithm);
         }
+        let accepted: Vec<_> = auth.algorithms.iter().copied().map(jwt_algorithm).collect();
+
         let mut hs256 = None;
-        let mut algorithms = Vec::new();
-        for algorithm in &auth.algorithms {
-            match algorithm {
-                Algorithm::HS256 => {
-                    let secret = config
-                        .jwt_secret
-                        .as_ref()
-                        .ok_or(AuthSetupError::MissingSecret)?;
-                    let key = DecodingKey::from_secret(secret.0.as_bytes())
-                        .map_err(|_| AuthSetupError::MissingSecret)?;
-                    hs256 = Some(key);
-                    algorithms.push(jsonwebtoken::Algorithm::HS256);
-                }
-                // TODO: RS256, ES256 and EdDSA need keys fetched from
-                // auth.jwks_url; until that lands they are rejected at start.
-                other => return Err(AuthSetupError::MissingJwks(*other)),
-            }
+        if auth.algorithms.contains(&Algorithm::HS256) {
+            let secret = config
+                .jwt_secret
+                .as_ref()
+                .ok_or(AuthSetupError::MissingSecret)?;
+            let key = DecodingKey::from_secret(secret.0.as_bytes())
+                .map_err(|_| AuthSetupError::MissingSecret)?;
+            hs256 = Some(key);
         }
 
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        validation.leeway = auth.leeway_seconds;
-        validation.set_required_spec_claims(&["exp", "sub"]);
-        validation.validate_exp = true;
-        validation.validate_nbf = true;
-        match &auth.issuer {
-            Some(issuer) => validation.set_issuer(&[issuer]),
-            None => validation.iss = None,
-        }
-        match &auth.audience {
-            Some(audience) => validation.set_audience(&[audience]),
-            None => validation.validate_aud = false,
+        let mut jwks = None;
+        let asymmetric = auth
+            .algorithms
+            .iter()
+            .copied()
+            .find(|algorithm| *algorithm != Algorithm::HS256);
+        if let Some(algorithm) = asymmetric {
+            let url = auth
+                .jwks_url
+                .as_deref()
+                .and_then(|url| reqwest::Url::parse(url).ok())
+                .filter(|url| matches!(url.scheme(), "http" | "https"))
+                .ok_or(AuthSetupError::MissingJwks(algorithm))?;
+            let cache = JwksCache::start(url, accepted.clone(), options)
+                .await
+                .map_err(AuthSetupError::HttpClient)?;
+            jwks = Some(cache);
         }
 
+        let validations = accepted
+            .iter()
+            .map(|algorithm| (*algorithm, validation(config, *algorithm)))
+            .collect();
         Ok(Self {
             hs256,
-            validation,
+            jwks,
+            validations,
             leeway: auth.leeway_seconds,
         })
     }
 
     /// Verifies a token and returns the caller it names.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
-        let Some(key) = &self.hs256 else {
-            return Err(AuthError::Invalid(
-                "no key is configured for this token".into(),
-            ));
-        };
-        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
-            .map_err(|err| map_jwt_error(err.kind()))?;
-        let claims = data.claims;
-
-        if let Some(iat) = claims.iat
-            && iat > unix_now().saturating_add(self.leeway)
-        {
-            return Err(AuthError::Invalid("iat is in the future".into()));
+        if token.is_empty() {
+            return Err(AuthError::Missing);
         }
-        let user = Address::from_id(&claims.sub)
-            .map_err(|err| AuthError::Invalid(format!("sub is not a valid user id: {err}")))?;
-        Ok(Identity {
-            user,
-            expires_at: claims.exp,
-        })
+        if token.len() > MAX_TOKEN_BYTES {
+            return Err(invalid("the token is longer than 8192 bytes"));
+        }
+
+        // The header is read unverified only to pick the key and algorithm,
+        // both of which must then be configured.
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| invalid("the header is malformed or names an unsupported algorithm"))?;
+        let Some(validation) = self.validation(header.alg) else {
+            return Err(invalid("the algorithm is not accepted"));
+        };
+
+        let claims = if header.alg == jsonwebtoken::Algorithm::HS256 {
+            let key = self
+                .hs256
+                .as_ref()
+                .ok_or_else(|| invalid("the algorithm is not accepted"))?;
+            decode_claims(token, key, validation)?
+        } else {
+            let key = self.jwks_key(header.alg, header.kid.as_deref()).await?;
+            decode_claims(token, &key.key, validation)?
+        };
+        self.identity(claims)
     }
 
     /// The clock leeway on `exp`, in seconds.
     pub fn leeway(&self) -> u64 {
         self.leeway
     }
+
+    fn validation(&self, algorithm: jsonwebtoken::Algorithm) -> Option<&Validation> {
+        self.validations
+            .iter()
+            .find(|(accepted, _)| *accepted == algorithm)
+            .map(|(_, v)| v)
+    }
+
+    async fn jwks_key(
+        &self,
+        algorithm: jsonwebtoken::Algorithm,
+        kid: Option<&str>,
+    ) -> Result<jwks::JwksKey, AuthError> {
+        let jwks = self
+            .jwks
+            .as_ref()
+            .ok_or_else(|| invalid("the algorithm is not accepted"))?;
+        // NOTE: a token without `kid` is rejected even when the JWKS has a
+        // single key, because picking a key by algorithm alone would be a guess.
+        let kid =
+            kid.ok_or_else(|| invalid("the header has no kid, so no JWKS key can be chosen"))?;
+        let key = jwks
+            .key(kid)
+            .await
+            .ok_or_else(|| invalid("no JWKS key matches the kid"))?;
+        if key.algorithm != algorithm {
+            return Err(invalid("the algorithm does not match the key named by kid"));
+        }
+        Ok(key)
+    }
+
+    fn identity(&self, claims: Claims) -> Result<Identity, AuthError> {
+        let (Some(sub), Some(exp)) = (claims.sub, claims.exp) else {
+            return Err(invalid("a required claim is missing"));
+        };
+        if let Some(iat) = claims.iat
+            && iat > unix_now().saturating_add(self.leeway)
+        {
+            return Err(invalid("iat is in the future"));
+        }
+        let user = Address::from_id(&sub)
+            .map_err(|err| AuthError::Invalid(format!("sub is not a valid user id: {err}")))?;
+        Ok(Identity {
+            user,
+            expires_at: exp,
+        })
+    }
+}
+
+/// Builds the claim checks for tokens signed with `algorithm`.
+fn validation(config: &Config, algorithm: jsonwebtoken::Algorithm) -> Validation {
+    let auth = &config.auth;
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = auth.leeway_seconds;
+    validation.validate_exp = true;
+    validation.validate_nbf = true;
+
+    // jsonwebtoken 12 checks iss and aud only when the token has them, so a
+    // configured claim is also made required.
+    let mut required = vec!["exp", "sub"];
+    match &auth.issuer {
+        Some(issuer) => {
+            validation.set_issuer(&[issuer]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match &auth.audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        // NOTE: without auth.audience, a token's aud is not checked at all,
+        // because this service then has no audience name to compare with.
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+fn decode_claims(
+    token: &str,
+    key: &DecodingKey,
+    validation: &Validation,
+) -> Result<Claims, AuthError> {
+    jsonwebtoken::decode::<Claims>(token, key, validation)
+        .map(|data| data.claims)
+        .map_err(|err| map_jwt_error(err.kind()))
+}
+
+fn jwt_algorithm(algorithm: Algorithm) -> jsonwebtoken::Algorithm {
+    match algorithm {
+        Algorithm::HS256 => jsonwebtoken::Algorithm::HS256,
+        Algorithm::RS256 => jsonwebtoken::Algorithm::RS256,
+        Algorithm::ES256 => jsonwebtoken::Algorithm::ES256,
+        Algorithm::EdDSA => jsonwebtoken::Algorithm::EdDSA,
+    }
+}
+
+fn invalid(reason: &str) -> AuthError {
+    AuthError::Invalid(reason.to_owned())
 }
 
 fn map_jwt_error(kind: &ErrorKind) -> AuthError {
@@ -165,11 +310,13 @@ fn map_jwt_error(kind: &ErrorKind) -> AuthError {
         ErrorKind::InvalidAlgorithm => "the algorithm is not accepted",
         ErrorKind::MissingRequiredClaim(claim) if claim == "exp" => "the exp claim is missing",
         ErrorKind::MissingRequiredClaim(claim) if claim == "sub" => "the sub claim is missing",
+        ErrorKind::MissingRequiredClaim(claim) if claim == "iss" => "the iss claim is missing",
+        ErrorKind::MissingRequiredClaim(claim) if claim == "aud" => "the aud claim is missing",
         ErrorKind::MissingRequiredClaim(_) => "a required claim is missing",
         ErrorKind::InvalidClaimFormat(_) | ErrorKind::Json(_) => "a claim has the wrong type",
         _ => "the token is malformed",
     };
-    AuthError::Invalid(reason.into())
+    invalid(reason)
 }
 
 /// The current time in seconds since the Unix epoch.
@@ -186,8 +333,8 @@ pub fn mint_hs256(secret: &str, user_id: &str, ttl: Duration) -> Result<String, 
         .map_err(|err| AuthError::Invalid(format!("--user is not a valid user id: {err}")))?;
     let now = unix_now();
     let claims = Claims {
-        sub: user_id.to_owned(),
-        exp: now + ttl.as_secs(),
+        sub: Some(user_id.to_owned()),
+        exp: Some(now.saturating_add(ttl.as_secs())),
         iat: Some(now),
     };
     let key = EncodingKey::from_secret(secret.as_bytes())
@@ -195,3 +342,6 @@ pub fn mint_hs256(secret: &str, user_id: &str, ttl: Duration) -> Result<String, 
     jsonwebtoken::encode(&Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key)
         .map_err(|err| AuthError::Invalid(format!("signing failed: {err}")))
 }
+
+#[cfg(test)]
+mod tests;
