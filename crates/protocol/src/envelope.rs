@@ -221,7 +221,10 @@ mod tests {
         for input in ["aGk", "aGk=", "-_8", "+/8="] {
             let envelope = wire(input).validate(&alice(), || "id".into()).unwrap();
             let output = envelope.to_wire().encrypted_data.unwrap();
-            assert!(output.ends_with('=') || output.len() % 4 == 0, "{output}");
+            assert!(
+                output.ends_with('=') || output.len().is_multiple_of(4),
+                "{output}"
+            );
             assert_eq!(decode_base64(&output).unwrap(), envelope.encrypted_data);
         }
         let envelope = wire("-_8").validate(&alice(), || "id".into()).unwrap();

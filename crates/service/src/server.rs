@@ -76,7 +76,7 @@ impl Server {
             bus.clone(),
             &config.limits,
         ));
-        let verifier = Arc::new(Verifier::new(&config).context("auth configuration")?);
+        let verifier = Arc::new(Verifier::new(&config).await.context("auth configuration")?);
         let app = AppState {
             router: router.clone(),
             verifier,
@@ -202,11 +202,13 @@ async fn open_mailbox(config: &Config) -> anyhow::Result<Arc<dyn Mailbox>> {
     Ok(Arc::new(mailbox))
 }
 
-async fn bind(config: &Config, port: u16, role: &str) -> anyhow::Result<TcpListener> {
+async fn bind(config: &Config, port: u16, role: &'static str) -> anyhow::Result<TcpListener> {
     let address = SocketAddr::new(config.bind_address, port);
-    TcpListener::bind(address)
+    let listener = TcpListener::bind(address)
         .await
-        .with_context(|| format!("cannot bind the {role} server to {address}"))
+        .with_context(|| format!("cannot bind the {role} server to {address}"))?;
+    tracing::info!(role, address = %listener.local_addr()?, "listening");
+    Ok(listener)
 }
 
 async fn serve_http(

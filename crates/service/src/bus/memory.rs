@@ -53,3 +53,13 @@ impl DeliveryBus for MemoryBus {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryBus;
+
+    #[tokio::test]
+    async fn memory_bus_passes_conformance() {
+        crate::bus::conformance::run_all(MemoryBus::new).await;
+    }
+}

@@ -12,6 +12,9 @@ use crate::presence::InstanceId;
 
 pub mod memory;
 
+#[cfg(test)]
+pub(crate) mod conformance;
+
 /// What the bus carries to an instance.
 #[derive(Debug, Clone)]
 pub enum BusEvent {

@@ -60,3 +60,13 @@ impl Presence for MemoryPresence {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::MemoryPresence;
+
+    #[tokio::test]
+    async fn memory_presence_passes_conformance() {
+        crate::presence::conformance::run_all(MemoryPresence::new).await;
+    }
+}

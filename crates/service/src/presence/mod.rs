@@ -6,6 +6,9 @@ use routing_protocol::Address;
 
 pub mod memory;
 
+#[cfg(test)]
+pub(crate) mod conformance;
+
 /// A process's id, used for presence and its delivery bus subject.
 pub type InstanceId = std::sync::Arc<str>;
 

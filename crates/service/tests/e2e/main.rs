@@ -1,6 +1,7 @@
 //! End-to-end tests: the real server on port 0, over real HTTP and
 //! WebSocket sockets.
 
+mod binary;
 mod http_api;
 mod support;
 mod websocket;
