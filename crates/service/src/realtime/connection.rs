@@ -180,13 +180,15 @@ impl Connection {
         }
     }
 
-    /// Records that everything up to `up_to` is acknowledged.
+    /// Records that everything up to `up_to` is acknowledged, which opens
+    /// the window. `sent_through` stays, because a client may ack a seq it
+    /// has not seen yet and must still receive the messages stored above it.
+    // NOTE: acks by messageIds (HTTP only) do not open the window; a client
+    // that acks only that way while connected stalls at max_unacked.
     fn apply_ack(&mut self, up_to: u64) {
         while self.in_flight.front().is_some_and(|&seq| seq <= up_to) {
             self.in_flight.pop_front();
         }
-        // Messages acknowledged on another connection need not be written here.
-        self.sent_through = self.sent_through.max(up_to);
     }
 
     async fn on_live(&mut self, live: LiveMessage) -> Result<(), Closing> {

@@ -345,3 +345,19 @@ async fn shutdown_closes_connections_with_1001() {
     }
     tokio::time::timeout(WAIT, stopping).await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn ack_ahead_of_delivery_loses_nothing() {
+    let app = TestApp::spawn().await;
+    let alice = app.client("alice");
+    alice.send(&envelope("bob", "bTFBQQ==")).await.unwrap();
+    let mut bob = connect(&app.client("bob")).await;
+    assert_eq!(next_message(&mut bob).await.0, 1);
+
+    bob.ack(1_000).await.unwrap();
+    bob.send_frame(&ClientFrame::Ping).await.unwrap();
+    assert_eq!(next_event(&mut bob).await, Event::Frame(ServerFrame::Pong));
+    alice.send(&envelope("bob", "bTJBQQ==")).await.unwrap();
+    assert_eq!(next_message(&mut bob).await, (2, "bTJBQQ==".into()));
+    app.stop().await;
+}
