@@ -191,6 +191,11 @@ pub enum PresenceKind {
 pub struct RedisConfig {
     /// `redis://host:port`; a password comes from the environment.
     pub url: String,
+    /// Prefix of every key this service writes, so several deployments can share a server.
+    pub key_prefix: String,
+    /// How long a presence lease lives without a refresh.
+    #[serde(with = "duration_text")]
+    pub lease_ttl: Duration,
 }
 
 /// Delivery bus backend.
@@ -220,6 +225,8 @@ pub enum BusKind {
 pub struct NatsConfig {
     /// `nats://host:port`.
     pub url: String,
+    /// Prefix of every subject this service uses.
+    pub subject_prefix: String,
 }
 
 /// Mailbox backend.
@@ -249,6 +256,13 @@ pub enum StoreKind {
 pub struct PostgresConfig {
     /// `postgres://user@host:port/db`; a password comes from the environment.
     pub url: String,
+    /// The schema that holds the service's tables, created when missing.
+    pub schema: String,
+    /// Connections in the pool of each instance.
+    pub max_connections: u32,
+    /// How long a call waits for a pooled connection before it fails with 503.
+    #[serde(with = "duration_text")]
+    pub acquire_timeout: Duration,
 }
 
 /// Sizes, rates and retention.
@@ -527,6 +541,7 @@ impl Config {
     }
 
     fn validate_backends(&self) -> Result<(), ConfigError> {
+        self.validate_backend_settings()?;
         if self.run_mode != RunMode::Local {
             return Ok(());
         }
@@ -542,6 +557,63 @@ impl Config {
                 "embedded",
                 "postgres",
             ));
+        }
+        Ok(())
+    }
+
+    fn validate_backend_settings(&self) -> Result<(), ConfigError> {
+        let postgres = &self.message_store.postgres;
+        let schema_ok = postgres.schema.len() <= 63
+            && postgres
+                .schema
+                .starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+            && postgres
+                .schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !schema_ok {
+            return Err(invalid(
+                "message_store.postgres.schema",
+                "must be 1 to 63 characters of [a-z0-9_], not starting with a digit",
+            ));
+        }
+        if postgres.max_connections == 0 {
+            return Err(invalid(
+                "message_store.postgres.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if postgres.acquire_timeout.is_zero() {
+            return Err(invalid(
+                "message_store.postgres.acquire_timeout",
+                "must be above 0",
+            ));
+        }
+        if self.presence_cache.redis.lease_ttl < Duration::from_secs(1) {
+            return Err(invalid(
+                "presence_cache.redis.lease_ttl",
+                "must be at least 1s",
+            ));
+        }
+        let prefixes = [
+            (
+                "presence_cache.redis.key_prefix",
+                &self.presence_cache.redis.key_prefix,
+            ),
+            (
+                "delivery_bus.nats.subject_prefix",
+                &self.delivery_bus.nats.subject_prefix,
+            ),
+        ];
+        for (key, prefix) in prefixes {
+            let prefix_ok = !prefix.is_empty()
+                && prefix.len() <= 64
+                && prefix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !prefix_ok {
+                return Err(invalid(key, "must be 1 to 64 characters of [A-Za-z0-9_-]"));
+            }
         }
         Ok(())
     }
@@ -1043,6 +1115,52 @@ mod tests {
             config.limits.message_ttl,
             Duration::from_secs(7 * 24 * 3600)
         );
+    }
+
+    #[test]
+    fn backend_settings_are_checked() {
+        let cases = [
+            (
+                "ROUTING_MESSAGE_STORE__POSTGRES__SCHEMA",
+                "Bad-Schema",
+                "message_store.postgres.schema",
+            ),
+            (
+                "ROUTING_MESSAGE_STORE__POSTGRES__SCHEMA",
+                "1abc",
+                "message_store.postgres.schema",
+            ),
+            (
+                "ROUTING_MESSAGE_STORE__POSTGRES__MAX_CONNECTIONS",
+                "0",
+                "max_connections",
+            ),
+            (
+                "ROUTING_PRESENCE_CACHE__REDIS__LEASE_TTL",
+                "100ms",
+                "presence_cache.redis.lease_ttl",
+            ),
+            (
+                "ROUTING_PRESENCE_CACHE__REDIS__KEY_PREFIX",
+                "a:b",
+                "presence_cache.redis.key_prefix",
+            ),
+            (
+                "ROUTING_DELIVERY_BUS__NATS__SUBJECT_PREFIX",
+                "a.b",
+                "delivery_bus.nats.subject_prefix",
+            ),
+        ];
+        for (name, value, key) in cases {
+            let message = load_error(None, with_secret(&[(name, value)]));
+            assert!(message.contains(key), "{name}={value}: {message}");
+        }
+        let config = Config::load(
+            None,
+            with_secret(&[("ROUTING_MESSAGE_STORE__POSTGRES__SCHEMA", "routing_test_1")]),
+        )
+        .expect("a valid schema loads");
+        assert_eq!(config.message_store.postgres.schema, "routing_test_1");
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub const MESSAGES_REJECTED: &str = "routing_messages_rejected_total";
 pub const MESSAGES_DEAD_LETTERED: &str = "routing_messages_dead_lettered_total";
 /// Open WebSocket connections on this instance.
 pub const CONNECTIONS_OPEN: &str = "routing_connections_open";
+/// WebSocket connections the server closed, labelled `code` with the close code.
+pub const CONNECTIONS_CLOSED: &str = "routing_connections_closed_total";
 /// Seconds from acceptance to the write on a WebSocket.
 pub const DELIVERY_LATENCY: &str = "routing_delivery_latency_seconds";
 /// Seconds per backend call, labelled `backend` and `operation`.
@@ -95,6 +97,10 @@ fn describe_metrics() {
         "Deliveries the bus could not publish."
     );
     describe_gauge!(CONNECTIONS_OPEN, "Open WebSocket connections.");
+    describe_counter!(
+        CONNECTIONS_CLOSED,
+        "Connections the server closed, by close code."
+    );
     describe_histogram!(
         DELIVERY_LATENCY,
         "Seconds from acceptance to the WebSocket write."

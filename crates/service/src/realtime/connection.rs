@@ -393,6 +393,8 @@ impl Connection {
         if closing.code == 0 {
             return;
         }
+        metrics::counter!(telemetry::CONNECTIONS_CLOSED, "code" => closing.code.to_string())
+            .increment(1);
         let frame = CloseFrame {
             code: closing.code,
             reason: Utf8Bytes::from_static(closing.reason),

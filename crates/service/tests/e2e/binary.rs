@@ -15,15 +15,25 @@ use tokio::sync::Mutex;
 
 use crate::support::{SECRET, WAIT, connect, envelope_with_id, next_event};
 
-struct Running {
-    child: Child,
-    api: String,
-    ws: String,
+pub struct Running {
+    pub child: Child,
+    pub api: String,
+    pub ws: String,
 }
 
-/// Starts the binary on loopback port 0 and reads the bound addresses from
-/// its JSON log lines.
+/// Starts the binary on loopback port 0 in local mode.
 async fn start_binary(data_dir: &Path) -> Running {
+    start_binary_with(data_dir, &[]).await
+}
+
+/// Starts the binary on loopback port 0 with extra environment, and reads
+/// the bound addresses of the roles it runs from its JSON log lines.
+pub async fn start_binary_with(data_dir: &Path, extra_env: &[(String, String)]) -> Running {
+    let roles = extra_env
+        .iter()
+        .find(|(name, _)| name == "ROUTING_ROLES")
+        .map_or("[api, websocket]", |(_, value)| value.as_str());
+    let (wants_api, wants_ws) = (roles.contains("api"), roles.contains("websocket"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_routing-service"))
         .env("JWT_SECRET", SECRET)
         .env("ROUTING_BIND_ADDRESS", "127.0.0.1")
@@ -33,6 +43,7 @@ async fn start_binary(data_dir: &Path) -> Running {
         .env("ROUTING_LOG__FORMAT", "json")
         .env("ROUTING_LIMITS__SEND_BURST", "100000")
         .env("RUST_LOG", "info")
+        .envs(extra_env.iter().map(|(name, value)| (name, value)))
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
@@ -40,7 +51,7 @@ async fn start_binary(data_dir: &Path) -> Running {
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let (mut api, mut ws) = (None, None);
     let found = tokio::time::timeout(WAIT, async {
-        while api.is_none() || ws.is_none() {
+        while (wants_api && api.is_none()) || (wants_ws && ws.is_none()) {
             let line = lines
                 .next_line()
                 .await
@@ -72,7 +83,7 @@ async fn start_binary(data_dir: &Path) -> Running {
     }
 }
 
-fn client(running: &Running, user: &str) -> Client {
+pub fn client(running: &Running, user: &str) -> Client {
     let token = routing_service::auth::mint_hs256(SECRET, user, Duration::from_secs(3600)).unwrap();
     Client::new(&running.api, &running.ws, &token)
 }

@@ -298,24 +298,46 @@ async fn token_expiry_closes_with_4001() {
     app.stop().await;
 }
 
+/// Reads the server's count of connections it closed with `code`.
+async fn closed_with(app: &TestApp, code: u16) -> u64 {
+    let text = reqwest::get(format!("{}/metrics", app.api))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("routing_connections_closed_total{{code=\"{code}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map_or(0, |count| count.trim().parse().unwrap())
+}
+
 #[tokio::test]
 async fn slow_consumer_is_closed_with_4008() {
     let app = TestApp::spawn_with(|c| {
-        c.websocket.write_timeout = Duration::from_millis(500);
+        c.websocket.write_timeout = Duration::from_millis(300);
         c.limits.send_burst = 10_000;
         c.limits.send_rate_per_second = 10_000;
     })
     .await;
+    let before = closed_with(&app, close_code::SLOW_CONSUMER).await;
     let mut bob = connect(&app.client("bob")).await;
     let alice = app.client("alice");
     let data = "A".repeat(60_000);
-    // Enough to fill the kernel's loopback buffers while bob does not read.
-    for _ in 0..400 {
+
+    // bob reads nothing while the sends fill the kernel's loopback buffers,
+    // until the server gives up on him. Reading starts only then, so the
+    // close frame queued behind the messages can be reached.
+    let mut closed = false;
+    for index in 0..2_000 {
         alice.send(&envelope("bob", &data)).await.unwrap();
+        if index % 10 == 9 && closed_with(&app, close_code::SLOW_CONSUMER).await > before {
+            closed = true;
+            break;
+        }
     }
-    // The server's writes blocked while these were sent; give its 500 ms
-    // write timeout time to pass before reading.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(closed, "the server never closed the slow consumer");
+
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         assert!(
