@@ -39,6 +39,8 @@ use super::{
 };
 
 mod migrations;
+#[cfg(test)]
+mod tests;
 
 /// Connection pool settings of a [`PostgresMailbox`].
 #[derive(Debug, Clone, PartialEq, Eq)]
