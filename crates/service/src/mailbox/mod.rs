@@ -1,7 +1,8 @@
 //! The mailbox: a durable, per-recipient, append-only log keyed by `seq`.
 //! It is the truth of the service; presence and the delivery bus are hints.
 //!
-//! Backends: [`embedded::EmbeddedMailbox`] (fjall, in `data_dir`).
+//! Backends: [`embedded::EmbeddedMailbox`] (fjall, in `data_dir`) and
+//! [`postgres::PostgresMailbox`] (PostgreSQL, shared by a cluster).
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -10,6 +11,7 @@ use async_trait::async_trait;
 use routing_protocol::Address;
 
 pub mod embedded;
+pub mod postgres;
 
 #[cfg(test)]
 pub(crate) mod conformance;

@@ -1,0 +1,642 @@
+//! The PostgreSQL mailbox, shared by every instance of a cluster.
+//!
+//! All tables live in the schema given to [`PostgresMailbox::connect`],
+//! created and migrated at connect (see `migrations.rs`):
+//!
+//! - `mailbox_counters`: recipient -> last seq, stored count and last
+//!   `received_at_ms`. Every append, ack and expiry of a recipient locks this
+//!   row first, so writes to one recipient run one at a time. Each of these
+//!   transactions locks rows of one recipient only, so they cannot deadlock
+//!   one another. The dedupe sweep spans recipients but skips locked rows.
+//! - `messages`: (recipient, seq) -> sender, message id, `received_at_ms`
+//!   and envelope JSON.
+//! - `dedupe`: (recipient, sender, message id) -> seq, content hash and
+//!   acceptance time, kept while the message is stored or the dedupe window
+//!   is open.
+//!
+//! An append is one transaction, and `append` returns after its commit. It
+//! is as durable as the server's `synchronous_commit` setting makes a commit.
+//!
+//! Times are milliseconds since the Unix epoch on this instance's clock. A
+//! message's `received_at_ms` is the later of that clock and the recipient's
+//! last one, so it never decreases with seq even when instances' clocks differ.
+//!
+//! NOTE: TTL and dedupe windows are measured on the clock of the instance
+//! that runs the call, so clock skew between instances shifts them by the skew.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use routing_protocol::Address;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgConnection, PgPool};
+
+use super::{
+    AckTarget, Appended, Mailbox, MailboxError, MailboxSettings, NewMessage, StoredMessage,
+    duration_millis, unix_millis,
+};
+
+mod migrations;
+#[cfg(test)]
+mod tests;
+
+/// Connection pool settings of a [`PostgresMailbox`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PostgresPoolSettings {
+    /// Maximum open connections from this instance.
+    pub max_connections: u32,
+    /// How long a call waits for a connection before it fails with
+    /// [`MailboxError::Unavailable`]. It bounds the first connect too.
+    pub acquire_timeout: Duration,
+}
+
+/// The PostgreSQL-backed mailbox. See the module docs for the tables.
+pub struct PostgresMailbox {
+    pool: PgPool,
+    closed: AtomicBool,
+    limits: Limits,
+    expire_batch: ExpireBatch,
+}
+
+/// [`MailboxSettings`] in the units of the tables.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    max_stored_per_user: u64,
+    max_stored: i64,
+    ttl_ms: i64,
+    dedupe_window_ms: i64,
+}
+
+impl Limits {
+    fn new(settings: &MailboxSettings) -> Self {
+        Self {
+            max_stored_per_user: settings.max_stored_per_user,
+            max_stored: to_db(settings.max_stored_per_user),
+            ttl_ms: to_db(duration_millis(settings.message_ttl)),
+            dedupe_window_ms: to_db(duration_millis(settings.dedupe_window)),
+        }
+    }
+
+    /// Returns the latest `received_at_ms` that is expired at `now_ms`.
+    fn expired_cutoff(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.ttl_ms)
+    }
+
+    /// Returns the latest acceptance time whose dedupe window has passed at `now_ms`.
+    fn window_cutoff(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.dedupe_window_ms)
+    }
+}
+
+/// How much one `expire` step takes on, so no transaction grows with the backlog.
+#[derive(Debug, Clone, Copy)]
+struct ExpireBatch {
+    /// Recipients looked up per query.
+    recipients: i64,
+    /// Messages or dedupe records deleted per transaction.
+    rows: i64,
+}
+
+const EXPIRE_BATCH: ExpireBatch = ExpireBatch {
+    recipients: 100,
+    rows: 1000,
+};
+
+impl PostgresMailbox {
+    /// Connects to PostgreSQL at `url`, creates `schema` when missing and
+    /// applies the migrations it lacks.
+    ///
+    /// `schema` is 1 to 63 lowercase ASCII letters, digits and underscores,
+    /// not starting with a digit or `pg_`. Fails with
+    /// [`MailboxError::Unavailable`] when the server cannot be reached within
+    /// `pool.acquire_timeout`, and with [`MailboxError::Internal`] on an
+    /// invalid URL or schema name or a failed migration.
+    pub async fn connect(
+        url: &str,
+        schema: &str,
+        pool: PostgresPoolSettings,
+        settings: MailboxSettings,
+    ) -> Result<Self, MailboxError> {
+        validate_schema(schema)?;
+        // In sqlx 0.9.1 a URL parse error names what failed, not the password.
+        let options: PgConnectOptions = url
+            .parse()
+            .map_err(|err| MailboxError::Internal(format!("invalid PostgreSQL URL: {err}")))?;
+        let options = options
+            .application_name("routing-service")
+            .options([("search_path", schema)]);
+
+        let connections = PgPoolOptions::new()
+            .max_connections(pool.max_connections)
+            .acquire_timeout(pool.acquire_timeout)
+            .connect_with(options)
+            .await
+            .map_err(backend_error)?;
+        if let Err(err) = migrations::run(&connections, schema).await {
+            connections.close().await;
+            return Err(err);
+        }
+
+        tracing::info!(
+            schema,
+            max_connections = pool.max_connections,
+            max_stored_per_user = settings.max_stored_per_user,
+            "PostgreSQL mailbox connected"
+        );
+        Ok(Self {
+            pool: connections,
+            closed: AtomicBool::new(false),
+            limits: Limits::new(&settings),
+            expire_batch: EXPIRE_BATCH,
+        })
+    }
+
+    fn open_pool(&self) -> Result<&PgPool, MailboxError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(closed_error());
+        }
+        Ok(&self.pool)
+    }
+}
+
+#[async_trait]
+impl Mailbox for PostgresMailbox {
+    async fn append(&self, message: NewMessage) -> Result<Appended, MailboxError> {
+        let mut tx = self.open_pool()?.begin().await.map_err(backend_error)?;
+        let recipient = message.recipient.as_str();
+        let mut counter = lock_or_create_counter(&mut tx, recipient).await?;
+        let now_ms = now_ms();
+
+        if let Some(first) = self.live_dedupe(&mut tx, &message, now_ms).await? {
+            tx.rollback().await.map_err(backend_error)?;
+            return first.outcome(&message);
+        }
+        if counter.stored >= self.limits.max_stored {
+            counter.stored -= self.delete_expired_now(&mut tx, recipient, now_ms).await?;
+            if counter.stored >= self.limits.max_stored {
+                // Commit, so the expired messages deleted above stay deleted.
+                tx.commit().await.map_err(backend_error)?;
+                return Err(MailboxError::Full {
+                    limit: self.limits.max_stored_per_user,
+                });
+            }
+        }
+
+        let stored = counter.push(now_ms, &message)?;
+        insert_message(&mut tx, &message, &stored).await?;
+        tx.commit().await.map_err(backend_error)?;
+        Ok(Appended::New(stored))
+    }
+
+    async fn read(
+        &self,
+        recipient: &Address,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<StoredMessage>, MailboxError> {
+        let pool = self.open_pool()?;
+        // Seqs are stored as bigint, so none is above i64::MAX.
+        let Ok(after) = i64::try_from(after) else {
+            return Ok(Vec::new());
+        };
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+
+        let rows: Vec<(i64, i64, String, String)> = sqlx::query_as(
+            "SELECT seq, received_at_ms, message_id, envelope_json FROM messages \
+             WHERE recipient = $1 AND seq > $2 AND received_at_ms > $3 \
+             ORDER BY seq LIMIT $4",
+        )
+        .bind(recipient.as_str())
+        .bind(after)
+        .bind(self.limits.expired_cutoff(now_ms()))
+        .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+        .fetch_all(pool)
+        .await
+        .map_err(backend_error)?;
+        rows.into_iter().map(stored_message).collect()
+    }
+
+    async fn ack(&self, recipient: &Address, target: AckTarget) -> Result<u64, MailboxError> {
+        let mut tx = self.open_pool()?.begin().await.map_err(backend_error)?;
+        let recipient = recipient.as_str();
+        if !lock_counter(&mut tx, recipient).await? {
+            tx.rollback().await.map_err(backend_error)?;
+            return Ok(0);
+        }
+
+        let window_cutoff = self.limits.window_cutoff(now_ms());
+        let deleted = match target {
+            AckTarget::UpTo(up_to) => {
+                sqlx::query_scalar(ACK_UP_TO_SQL)
+                    .bind(recipient)
+                    .bind(window_cutoff)
+                    .bind(to_db(up_to))
+                    .fetch_one(&mut *tx)
+                    .await
+            }
+            AckTarget::Ids(ids) => {
+                sqlx::query_scalar(ACK_IDS_SQL)
+                    .bind(recipient)
+                    .bind(window_cutoff)
+                    .bind(ids)
+                    .fetch_one(&mut *tx)
+                    .await
+            }
+        };
+        let deleted: i64 = deleted.map_err(backend_error)?;
+        tx.commit().await.map_err(backend_error)?;
+        from_db(deleted, "acked count")
+    }
+
+    /// Counts stored messages, including expired ones that `expire` has not
+    /// deleted yet.
+    async fn count(&self, recipient: &Address) -> Result<u64, MailboxError> {
+        let stored: Option<i64> =
+            sqlx::query_scalar("SELECT stored FROM mailbox_counters WHERE recipient = $1")
+                .bind(recipient.as_str())
+                .fetch_optional(self.open_pool()?)
+                .await
+                .map_err(backend_error)?;
+        from_db(stored.unwrap_or(0), "stored count")
+    }
+
+    /// Deletes expired messages recipient by recipient, each batch in its
+    /// own transaction under the recipient's lock. Instances that run it at
+    /// once share the work, and each message is counted by the one that
+    /// deleted it.
+    async fn expire(&self, now: SystemTime) -> Result<u64, MailboxError> {
+        let pool = self.open_pool()?;
+        let now_ms = to_db(unix_millis(now));
+        let mut expired = 0;
+        loop {
+            let recipients: Vec<String> = sqlx::query_scalar(
+                "SELECT DISTINCT recipient FROM messages WHERE received_at_ms <= $1 LIMIT $2",
+            )
+            .bind(self.limits.expired_cutoff(now_ms))
+            .bind(self.expire_batch.recipients)
+            .fetch_all(pool)
+            .await
+            .map_err(backend_error)?;
+            if recipients.is_empty() {
+                break;
+            }
+            for recipient in &recipients {
+                expired += self.expire_recipient(pool, recipient, now_ms).await?;
+            }
+        }
+        self.sweep_dedupe(pool, now_ms).await?;
+        from_db(expired, "expired count")
+    }
+
+    async fn check(&self) -> Result<(), MailboxError> {
+        sqlx::query("SELECT 1")
+            .execute(self.open_pool()?)
+            .await
+            .map_err(backend_error)?;
+        Ok(())
+    }
+
+    /// Rejects new calls, waits for the calls in flight to return their
+    /// connections, then closes every connection.
+    async fn close(&self) {
+        if self.closed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.pool.close().await;
+        tracing::info!("PostgreSQL mailbox closed");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Statements that delete messages of a recipient whose counter row the
+// transaction holds. Each deletes the dedupe records of those messages whose
+// window has passed ($2), lowers the stored count and returns how many
+// messages it deleted.
+
+macro_rules! delete_messages_sql {
+    ($selection:literal) => {
+        concat!(
+            "WITH gone AS (DELETE FROM messages WHERE recipient = $1 AND ",
+            $selection,
+            " RETURNING seq), \
+             forgotten AS (DELETE FROM dedupe WHERE recipient = $1 \
+                 AND accepted_at_ms <= $2 AND seq IN (SELECT seq FROM gone)), \
+             counted AS (UPDATE mailbox_counters \
+                 SET stored = GREATEST(stored - (SELECT count(*) FROM gone), 0) \
+                 WHERE recipient = $1) \
+             SELECT count(*) FROM gone"
+        )
+    };
+}
+
+/// $3: the highest seq acknowledged.
+const ACK_UP_TO_SQL: &str = delete_messages_sql!("seq <= $3");
+/// $3: the acknowledged message ids.
+const ACK_IDS_SQL: &str = delete_messages_sql!("message_id = ANY($3)");
+/// $3: the latest expired `received_at_ms`.
+const DELETE_EXPIRED_SQL: &str = delete_messages_sql!("received_at_ms <= $3");
+/// $3: the latest expired `received_at_ms`; $4: the batch size. Expired
+/// messages are the lowest seqs, because `received_at_ms` never decreases.
+const DELETE_EXPIRED_BATCH_SQL: &str = delete_messages_sql!(
+    "seq IN (SELECT seq FROM messages WHERE recipient = $1 \
+     AND received_at_ms <= $3 ORDER BY seq LIMIT $4)"
+);
+
+impl PostgresMailbox {
+    /// Looks up the dedupe record of the message's (recipient, sender,
+    /// message id) and returns it when it still matches a repeat: its
+    /// message is stored and unexpired, or its window is open.
+    async fn live_dedupe(
+        &self,
+        conn: &mut PgConnection,
+        message: &NewMessage,
+        now_ms: i64,
+    ) -> Result<Option<FirstMessage>, MailboxError> {
+        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
+            "SELECT d.seq, d.content_hash FROM dedupe d \
+             WHERE d.recipient = $1 AND d.sender = $2 AND d.message_id = $3 \
+             AND (d.accepted_at_ms > $4 OR EXISTS (SELECT 1 FROM messages m \
+                 WHERE m.recipient = d.recipient AND m.seq = d.seq \
+                 AND m.received_at_ms > $5))",
+        )
+        .bind(message.recipient.as_str())
+        .bind(message.sender.as_str())
+        .bind(&message.message_id)
+        .bind(self.limits.window_cutoff(now_ms))
+        .bind(self.limits.expired_cutoff(now_ms))
+        .fetch_optional(conn)
+        .await
+        .map_err(backend_error)?;
+        Ok(row.map(|(seq, content_hash)| FirstMessage { seq, content_hash }))
+    }
+
+    /// Deletes every expired message of a recipient whose counter row the
+    /// transaction holds; returns how many it deleted.
+    async fn delete_expired_now(
+        &self,
+        conn: &mut PgConnection,
+        recipient: &str,
+        now_ms: i64,
+    ) -> Result<i64, MailboxError> {
+        sqlx::query_scalar(DELETE_EXPIRED_SQL)
+            .bind(recipient)
+            .bind(self.limits.window_cutoff(now_ms))
+            .bind(self.limits.expired_cutoff(now_ms))
+            .fetch_one(conn)
+            .await
+            .map_err(backend_error)
+    }
+
+    /// Deletes the expired messages of one recipient, one batch per
+    /// transaction; returns how many this call deleted.
+    async fn expire_recipient(
+        &self,
+        pool: &PgPool,
+        recipient: &str,
+        now_ms: i64,
+    ) -> Result<i64, MailboxError> {
+        let mut expired = 0;
+        loop {
+            let mut tx = pool.begin().await.map_err(backend_error)?;
+            // Creating a missing counter row keeps the lock step uniform;
+            // messages without one do not occur.
+            lock_or_create_counter(&mut tx, recipient).await?;
+            let deleted: i64 = sqlx::query_scalar(DELETE_EXPIRED_BATCH_SQL)
+                .bind(recipient)
+                .bind(self.limits.window_cutoff(now_ms))
+                .bind(self.limits.expired_cutoff(now_ms))
+                .bind(self.expire_batch.rows)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(backend_error)?;
+            tx.commit().await.map_err(backend_error)?;
+
+            expired += deleted;
+            if deleted < self.expire_batch.rows {
+                return Ok(expired);
+            }
+        }
+    }
+
+    /// Deletes dedupe records whose window has passed and whose message is
+    /// gone. Records locked by an append or another sweep are skipped, and
+    /// the outer check of `accepted_at_ms` skips a record that an append
+    /// has just renewed.
+    async fn sweep_dedupe(&self, pool: &PgPool, now_ms: i64) -> Result<(), MailboxError> {
+        loop {
+            let swept = sqlx::query(
+                "DELETE FROM dedupe WHERE accepted_at_ms <= $1 \
+                 AND (recipient, sender, message_id) IN ( \
+                     SELECT d.recipient, d.sender, d.message_id FROM dedupe d \
+                     WHERE d.accepted_at_ms <= $1 AND NOT EXISTS (SELECT 1 FROM messages m \
+                         WHERE m.recipient = d.recipient AND m.seq = d.seq) \
+                     LIMIT $2 FOR UPDATE SKIP LOCKED)",
+            )
+            .bind(self.limits.window_cutoff(now_ms))
+            .bind(self.expire_batch.rows)
+            .execute(pool)
+            .await
+            .map_err(backend_error)?;
+            if swept.rows_affected() < u64::try_from(self.expire_batch.rows).unwrap_or(0) {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// The dedupe record that a repeated message matched.
+struct FirstMessage {
+    seq: i64,
+    content_hash: Vec<u8>,
+}
+
+impl FirstMessage {
+    /// Returns the duplicate when the content is the same, and a conflict otherwise.
+    fn outcome(self, message: &NewMessage) -> Result<Appended, MailboxError> {
+        if self.content_hash != message.content_hash.to_be_bytes() {
+            return Err(MailboxError::Conflict {
+                message_id: message.message_id.clone(),
+            });
+        }
+        Ok(Appended::Duplicate {
+            seq: from_db(self.seq, "dedupe seq")?,
+        })
+    }
+}
+
+/// A recipient's `mailbox_counters` row, locked by the transaction.
+struct Counter {
+    last_seq: i64,
+    stored: i64,
+    last_received_at_ms: i64,
+}
+
+impl Counter {
+    /// Assigns the next seq and a `received_at_ms` no earlier than the last.
+    fn push(&mut self, now_ms: i64, message: &NewMessage) -> Result<StoredMessage, MailboxError> {
+        self.last_seq = self
+            .last_seq
+            .checked_add(1)
+            .ok_or_else(|| MailboxError::Internal("the recipient's seq overflowed".into()))?;
+        self.stored += 1;
+        self.last_received_at_ms = self.last_received_at_ms.max(now_ms);
+        Ok(StoredMessage {
+            seq: from_db(self.last_seq, "seq")?,
+            received_at_ms: from_db(self.last_received_at_ms, "received_at_ms")?,
+            message_id: message.message_id.clone(),
+            envelope_json: Arc::clone(&message.envelope_json),
+        })
+    }
+}
+
+/// Locks the recipient's counter row, creating it first for a new recipient.
+async fn lock_or_create_counter(
+    conn: &mut PgConnection,
+    recipient: &str,
+) -> Result<Counter, MailboxError> {
+    // The no-op update locks an existing row; RETURNING reads its latest version.
+    let (last_seq, stored, last_received_at_ms) = sqlx::query_as(
+        "INSERT INTO mailbox_counters (recipient) VALUES ($1) \
+         ON CONFLICT (recipient) DO UPDATE SET recipient = EXCLUDED.recipient \
+         RETURNING last_seq, stored, last_received_at_ms",
+    )
+    .bind(recipient)
+    .fetch_one(conn)
+    .await
+    .map_err(backend_error)?;
+    Ok(Counter {
+        last_seq,
+        stored,
+        last_received_at_ms,
+    })
+}
+
+/// Locks the recipient's counter row; returns false when the recipient has none.
+async fn lock_counter(conn: &mut PgConnection, recipient: &str) -> Result<bool, MailboxError> {
+    let row: Option<i64> =
+        sqlx::query_scalar("SELECT last_seq FROM mailbox_counters WHERE recipient = $1 FOR UPDATE")
+            .bind(recipient)
+            .fetch_optional(conn)
+            .await
+            .map_err(backend_error)?;
+    Ok(row.is_some())
+}
+
+/// Inserts the message and its dedupe record, replacing a dead record, and
+/// moves the counter row to the new seq.
+async fn insert_message(
+    conn: &mut PgConnection,
+    message: &NewMessage,
+    stored: &StoredMessage,
+) -> Result<(), MailboxError> {
+    sqlx::query(
+        "WITH stored AS (INSERT INTO messages \
+             (recipient, seq, sender, message_id, received_at_ms, envelope_json) \
+             VALUES ($1, $2, $3, $4, $5, $6)), \
+         remembered AS (INSERT INTO dedupe \
+             (recipient, sender, message_id, seq, content_hash, accepted_at_ms) \
+             VALUES ($1, $3, $4, $2, $7, $5) \
+             ON CONFLICT (recipient, sender, message_id) DO UPDATE SET \
+             seq = EXCLUDED.seq, content_hash = EXCLUDED.content_hash, \
+             accepted_at_ms = EXCLUDED.accepted_at_ms) \
+         UPDATE mailbox_counters SET last_seq = $2, stored = stored + 1, \
+             last_received_at_ms = $5 WHERE recipient = $1",
+    )
+    .bind(message.recipient.as_str())
+    .bind(to_db(stored.seq))
+    .bind(message.sender.as_str())
+    .bind(&message.message_id)
+    .bind(to_db(stored.received_at_ms))
+    .bind(&*message.envelope_json)
+    .bind(message.content_hash.to_be_bytes().as_slice())
+    .execute(conn)
+    .await
+    .map_err(backend_error)?;
+    Ok(())
+}
+
+fn stored_message(row: (i64, i64, String, String)) -> Result<StoredMessage, MailboxError> {
+    let (seq, received_at_ms, message_id, envelope_json) = row;
+    Ok(StoredMessage {
+        seq: from_db(seq, "seq")?,
+        received_at_ms: from_db(received_at_ms, "received_at_ms")?,
+        message_id,
+        envelope_json: envelope_json.into(),
+    })
+}
+
+/// Checks that a schema name needs no quoting and is not reserved, because
+/// it is written into SQL text and the connection's search_path.
+fn validate_schema(schema: &str) -> Result<(), MailboxError> {
+    let mut chars = schema.chars();
+    let starts_well = chars
+        .next()
+        .is_some_and(|first| first.is_ascii_lowercase() || first == '_');
+    let rest_valid = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if starts_well && rest_valid && schema.len() <= 63 && !schema.starts_with("pg_") {
+        return Ok(());
+    }
+    Err(MailboxError::Internal(format!(
+        "invalid PostgreSQL schema name {schema:?}: use 1 to 63 lowercase ASCII letters, \
+         digits and underscores, not starting with a digit or pg_"
+    )))
+}
+
+fn now_ms() -> i64 {
+    to_db(unix_millis(SystemTime::now()))
+}
+
+/// Converts a number to bigint, saturating at `i64::MAX`.
+fn to_db(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Converts a bigint read from the tables, which never holds a negative value.
+fn from_db(value: i64, what: &str) -> Result<u64, MailboxError> {
+    u64::try_from(value).map_err(|_| {
+        MailboxError::Internal(format!("negative {what} {value} in the mailbox tables"))
+    })
+}
+
+fn closed_error() -> MailboxError {
+    MailboxError::Unavailable("the mailbox is closed".into())
+}
+
+/// Maps connection, pool and transient server failures to
+/// [`MailboxError::Unavailable`], and everything else to
+/// [`MailboxError::Internal`].
+fn backend_error(err: sqlx::Error) -> MailboxError {
+    let transient = match &err {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => true,
+        sqlx::Error::Database(db) => db.code().is_some_and(|code| is_transient_sqlstate(&code)),
+        _ => false,
+    };
+    if transient {
+        MailboxError::Unavailable(format!("PostgreSQL failed: {err}"))
+    } else {
+        MailboxError::Internal(format!("PostgreSQL failed: {err}"))
+    }
+}
+
+/// Checks for SQLSTATEs that a retry may not meet: connection exceptions
+/// (08), insufficient resources (53), shutdown or restart (57P01 to 57P03),
+/// a cancelled statement (57014), serialization failures and deadlocks
+/// (40001, 40P01) and lock timeouts (55P03).
+fn is_transient_sqlstate(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("53")
+        || matches!(
+            code,
+            "57P01" | "57P02" | "57P03" | "57014" | "40001" | "40P01" | "55P03"
+        )
+}
