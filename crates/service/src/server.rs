@@ -20,8 +20,9 @@ use crate::api::{self, AppState, OriginPolicy};
 use crate::auth::Verifier;
 use crate::bus::DeliveryBus;
 use crate::bus::memory::MemoryBus;
-use crate::config::{Config, Role, RunMode};
+use crate::config::{BusKind, Config, PresenceKind, Role, StoreKind};
 use crate::mailbox::embedded::EmbeddedMailbox;
+use crate::mailbox::postgres::{PostgresMailbox, PostgresPoolSettings};
 use crate::mailbox::{Mailbox, MailboxSettings};
 use crate::presence::memory::MemoryPresence;
 use crate::presence::{InstanceId, Presence};
@@ -53,13 +54,6 @@ pub struct Server {
 impl Server {
     /// Opens the backends, binds the listeners and starts serving.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
-        if config.run_mode == RunMode::Cluster {
-            // TODO: PostgreSQL, Redis and NATS backends are not built yet, so
-            // cluster mode cannot start.
-            anyhow::bail!(
-                "run_mode: cluster is not available in this release; use run_mode: local"
-            );
-        }
         let config = Arc::new(config);
         let instance_id: InstanceId = if config.instance_id.is_empty() {
             uuid::Uuid::now_v7().simple().to_string().into()
@@ -67,9 +61,7 @@ impl Server {
             config.instance_id.as_str().into()
         };
 
-        let mailbox = open_mailbox(&config).await?;
-        let presence: Arc<dyn Presence> = Arc::new(MemoryPresence::new());
-        let bus: Arc<dyn DeliveryBus> = Arc::new(MemoryBus::new());
+        let Backends { mailbox, presence, bus } = open_backends(&config).await?;
         let router = Arc::new(Router::new(
             mailbox.clone(),
             presence,
@@ -188,12 +180,44 @@ impl Server {
     }
 }
 
-async fn open_mailbox(config: &Config) -> anyhow::Result<Arc<dyn Mailbox>> {
-    let settings = MailboxSettings {
-        max_stored_per_user: config.limits.max_stored_per_user,
-        message_ttl: config.limits.message_ttl,
-        dedupe_window: config.limits.dedupe_window,
+/// The backends of this process, chosen by the `type` keys.
+struct Backends {
+    mailbox: Arc<dyn Mailbox>,
+    presence: Arc<dyn Presence>,
+    bus: Arc<dyn DeliveryBus>,
+}
+
+async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
+    let mailbox: Arc<dyn Mailbox> = match config.message_store.kind {
+        StoreKind::Embedded => open_embedded_mailbox(config)?,
+        StoreKind::Postgres => {
+            let postgres = &config.message_store.postgres;
+            let pool = PostgresPoolSettings {
+                max_connections: postgres.max_connections,
+                acquire_timeout: postgres.acquire_timeout,
+            };
+            let settings = MailboxSettings::from(&config.limits);
+            let mailbox = PostgresMailbox::connect(&postgres.url, &postgres.schema, pool, settings)
+                .await
+                .context("cannot open the PostgreSQL mailbox (message_store.postgres)")?;
+            Arc::new(mailbox)
+        }
     };
+    let presence: Arc<dyn Presence> = match config.presence_cache.kind {
+        PresenceKind::Memory => Arc::new(MemoryPresence::new()),
+        // TODO: the Redis presence backend is not wired yet.
+        PresenceKind::Redis => anyhow::bail!("presence_cache.type: redis is not available yet"),
+    };
+    let bus: Arc<dyn DeliveryBus> = match config.delivery_bus.kind {
+        BusKind::Memory => Arc::new(MemoryBus::new()),
+        // TODO: the NATS bus backend is not wired yet.
+        BusKind::Nats => anyhow::bail!("delivery_bus.type: nats is not available yet"),
+    };
+    Ok(Backends { mailbox, presence, bus })
+}
+
+fn open_embedded_mailbox(config: &Config) -> anyhow::Result<Arc<dyn Mailbox>> {
+    let settings = MailboxSettings::from(&config.limits);
     let dir = config.data_dir.clone();
     std::fs::create_dir_all(&dir)
         .with_context(|| format!("cannot create data_dir {}", dir.display()))?;
