@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 use crate::presence::InstanceId;
 
 pub mod memory;
+pub mod nats;
 
 #[cfg(test)]
 pub(crate) mod conformance;

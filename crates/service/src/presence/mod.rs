@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use routing_protocol::Address;
 
 pub mod memory;
+pub mod redis;
 
 #[cfg(test)]
 pub(crate) mod conformance;

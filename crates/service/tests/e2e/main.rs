@@ -2,6 +2,7 @@
 //! WebSocket sockets.
 
 mod binary;
+mod cluster;
 mod http_api;
 mod support;
 mod websocket;
