@@ -20,11 +20,13 @@ use crate::api::{self, AppState, OriginPolicy};
 use crate::auth::Verifier;
 use crate::bus::DeliveryBus;
 use crate::bus::memory::MemoryBus;
+use crate::bus::nats::NatsBus;
 use crate::config::{BusKind, Config, PresenceKind, Role, StoreKind};
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::mailbox::postgres::{PostgresMailbox, PostgresPoolSettings};
 use crate::mailbox::{Mailbox, MailboxSettings};
 use crate::presence::memory::MemoryPresence;
+use crate::presence::redis::RedisPresence;
 use crate::presence::{InstanceId, Presence};
 use crate::realtime::{self, Hub, RealtimeState};
 use crate::router::Router;
@@ -61,7 +63,11 @@ impl Server {
             config.instance_id.as_str().into()
         };
 
-        let Backends { mailbox, presence, bus } = open_backends(&config).await?;
+        let Backends {
+            mailbox,
+            presence,
+            bus,
+        } = open_backends(&config).await?;
         let router = Arc::new(Router::new(
             mailbox.clone(),
             presence,
@@ -205,15 +211,29 @@ async fn open_backends(config: &Config) -> anyhow::Result<Backends> {
     };
     let presence: Arc<dyn Presence> = match config.presence_cache.kind {
         PresenceKind::Memory => Arc::new(MemoryPresence::new()),
-        // TODO: the Redis presence backend is not wired yet.
-        PresenceKind::Redis => anyhow::bail!("presence_cache.type: redis is not available yet"),
+        PresenceKind::Redis => {
+            let redis = &config.presence_cache.redis;
+            let presence = RedisPresence::connect(&redis.url, &redis.key_prefix, redis.lease_ttl)
+                .await
+                .context("cannot connect to Redis (presence_cache.redis)")?;
+            Arc::new(presence)
+        }
     };
     let bus: Arc<dyn DeliveryBus> = match config.delivery_bus.kind {
         BusKind::Memory => Arc::new(MemoryBus::new()),
-        // TODO: the NATS bus backend is not wired yet.
-        BusKind::Nats => anyhow::bail!("delivery_bus.type: nats is not available yet"),
+        BusKind::Nats => {
+            let nats = &config.delivery_bus.nats;
+            let bus = NatsBus::connect(&nats.url, &nats.subject_prefix)
+                .await
+                .context("cannot connect to NATS (delivery_bus.nats)")?;
+            Arc::new(bus)
+        }
     };
-    Ok(Backends { mailbox, presence, bus })
+    Ok(Backends {
+        mailbox,
+        presence,
+        bus,
+    })
 }
 
 fn open_embedded_mailbox(config: &Config) -> anyhow::Result<Arc<dyn Mailbox>> {

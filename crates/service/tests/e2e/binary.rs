@@ -78,8 +78,8 @@ pub async fn start_binary_with(data_dir: &Path, extra_env: &[(String, String)]) 
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     Running {
         child,
-        api: api.unwrap(),
-        ws: ws.unwrap(),
+        api: api.unwrap_or_default(),
+        ws: ws.unwrap_or_default(),
     }
 }
 
