@@ -80,11 +80,13 @@ pub enum ClientFrame {
     },
     /// Sends an envelope, as `POST /send` does.
     Send {
-        /// The envelope to send.
+        /// The envelope to send; a JSON object.
+        #[serde(deserialize_with = "crate::json::deserialize_object")]
         envelope: WireEnvelope,
     },
-    /// Asks for a `pong`.
-    Ping,
+    /// Asks for a `pong`. A struct variant, so unknown fields are rejected
+    /// here too.
+    Ping {},
 }
 
 /// Builds a `message` frame around an envelope that is already JSON, so a
@@ -137,7 +139,11 @@ mod tests {
         let ack: ClientFrame = serde_json::from_str(r#"{"type":"ack","upToSeq":3}"#).unwrap();
         assert_eq!(ack, ClientFrame::Ack { up_to_seq: 3 });
         let ping: ClientFrame = serde_json::from_str(r#"{"type":"ping"}"#).unwrap();
-        assert_eq!(ping, ClientFrame::Ping);
+        assert_eq!(ping, ClientFrame::Ping {});
+        assert_eq!(serde_json::to_string(&ping).unwrap(), r#"{"type":"ping"}"#);
+        assert!(serde_json::from_str::<ClientFrame>(r#"{"type":"ping","x":1}"#).is_err());
+        let array_envelope = r#"{"type":"send","envelope":[null,"bob",null,null,"aGk=",null]}"#;
+        assert!(serde_json::from_str::<ClientFrame>(array_envelope).is_err());
         assert!(
             serde_json::from_str::<ClientFrame>(r#"{"type":"ack","upToSeq":3,"x":1}"#).is_err()
         );

@@ -5,12 +5,14 @@
 //! - [`address`]: user ids and their canonical `urn:sm:user:<id>` form;
 //! - [`envelope`]: the envelope as it travels on the wire, and its validation;
 //! - [`api`]: HTTP request and response bodies, error codes;
-//! - [`frame`]: WebSocket frames in both directions and close codes.
+//! - [`frame`]: WebSocket frames in both directions and close codes;
+//! - [`json`]: parsing that accepts only JSON objects where one is expected.
 
 pub mod address;
 pub mod api;
 pub mod envelope;
 pub mod frame;
+pub mod json;
 
 pub use address::{Address, AddressError};
 pub use api::{AckRequest, ErrorBody, ErrorCode, MessageItem, MessagesPage, SendResponse};

@@ -79,7 +79,7 @@ pub fn body_error(rejection: axum::extract::rejection::BytesRejection, limit: us
 /// Parses a JSON body: syntax errors are `invalid_json`, shape errors
 /// (unknown, duplicate, missing or mistyped fields) get `shape_code`.
 pub fn parse_json<T: DeserializeOwned>(body: &Bytes, shape_code: ErrorCode) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|err| json_error(&err, shape_code))
+    routing_protocol::json::from_object_slice(body).map_err(|err| json_error(&err, shape_code))
 }
 
 /// Maps a serde_json error to the contract's code and a message.
