@@ -9,7 +9,14 @@ use routing_client::{Client, Event};
 use routing_protocol::ServerFrame;
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn std::error::Error>> {
+async fn main() {
+    if let Err(err) = listen().await {
+        eprintln!("error: {err}");
+        std::process::exit(1);
+    }
+}
+
+async fn listen() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let (Some(websocket_url), Some(token)) = (args.next(), args.next()) else {
         eprintln!("usage: listen WEBSOCKET_URL TOKEN   (for example ws://127.0.0.1:8085)");

@@ -68,12 +68,13 @@ pub struct Client {
 
 impl Client {
     /// Creates a client; `api_url` is like `http://127.0.0.1:8082` and
-    /// `websocket_url` like `ws://127.0.0.1:8085`.
+    /// `websocket_url` like `ws://127.0.0.1:8085` (a trailing `/connect` is
+    /// accepted too).
     pub fn new(api_url: &str, websocket_url: &str, token: &str) -> Self {
         Self {
             http: reqwest::Client::new(),
             api_url: api_url.trim_end_matches('/').to_owned(),
-            websocket_url: websocket_url.trim_end_matches('/').to_owned(),
+            websocket_url: base_url(websocket_url, "/connect"),
             token: token.to_owned(),
         }
     }
@@ -142,9 +143,27 @@ impl Client {
             .parse()
             .expect("a token is a valid header value");
         request.headers_mut().insert("authorization", value);
-        let (socket, _) = tokio_tungstenite::connect_async(request).await?;
-        Ok(Connection { socket })
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => Ok(Connection { socket }),
+            // The server rejected the upgrade with a JSON error body.
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let status = response.status().as_u16();
+                let body = response.into_body().unwrap_or_default();
+                Err(error_from(
+                    status,
+                    String::from_utf8_lossy(&body).into_owned(),
+                ))
+            }
+            Err(err) => Err(err.into()),
+        }
     }
+}
+
+/// Strips a trailing `/` and `suffix`, so `ws://host:8085/connect` and
+/// `ws://host:8085` name the same server.
+fn base_url(url: &str, suffix: &str) -> String {
+    let url = url.trim_end_matches('/');
+    url.strip_suffix(suffix).unwrap_or(url).to_owned()
 }
 
 async fn expect_json<T: serde::de::DeserializeOwned>(

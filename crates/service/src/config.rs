@@ -283,6 +283,11 @@ pub struct LimitsConfig {
     pub send_rate_per_second: u32,
     /// Sends a user may make at once above the rate.
     pub send_burst: u32,
+    /// Open HTTP connections on the API port.
+    pub max_http_connections: usize,
+    /// How long one HTTP request may take, body included.
+    #[serde(with = "duration_text")]
+    pub request_timeout: Duration,
 }
 
 /// WebSocket flow control and liveness.
@@ -489,7 +494,8 @@ impl Config {
             if !yaml.ends_with('\n') {
                 yaml.push('\n');
             }
-            yaml.push_str(&format!("jwt_secret: \"{MASK}\"\n"));
+            // A comment, so the output can be read back with --config.
+            yaml.push_str(&format!("# JWT_SECRET: {MASK} (set in the environment)\n"));
         }
         yaml
     }
@@ -636,6 +642,10 @@ impl Config {
                 u64::from(limits.send_rate_per_second),
             ),
             ("limits.send_burst", u64::from(limits.send_burst)),
+            (
+                "limits.max_http_connections",
+                limits.max_http_connections as u64,
+            ),
             ("websocket.max_unacked", self.websocket.max_unacked as u64),
             (
                 "websocket.max_connections_per_user",
@@ -653,6 +663,7 @@ impl Config {
         }
         let positive_durations = [
             ("limits.message_ttl", limits.message_ttl),
+            ("limits.request_timeout", limits.request_timeout),
             ("websocket.write_timeout", self.websocket.write_timeout),
             ("websocket.ping_interval", self.websocket.ping_interval),
         ];
@@ -1518,7 +1529,10 @@ mod tests {
         assert!(!yaml.contains("hunter2"), "{yaml}");
         assert!(!yaml.contains("s3cret"), "{yaml}");
         assert!(!yaml.contains("other"), "{yaml}");
-        assert!(yaml.contains("jwt_secret: \"***\""), "{yaml}");
+        assert!(
+            yaml.contains("# JWT_SECRET: *** (set in the environment)"),
+            "{yaml}"
+        );
         assert!(
             yaml.contains("postgres://app:***@db:5432/routing"),
             "{yaml}"
@@ -1532,7 +1546,7 @@ mod tests {
     #[test]
     fn masked_yaml_loads_back() {
         let config = Config::load(None, with_secret(&[])).expect("loads");
-        let yaml = config.to_masked_yaml().replace("jwt_secret: \"***\"\n", "");
+        let yaml = config.to_masked_yaml();
         let file = yaml_file(&yaml);
         let reloaded = Config::load(Some(file.path()), with_secret(&[])).expect("reloads");
         assert_eq!(reloaded, config);
@@ -1545,7 +1559,7 @@ mod tests {
             ("ROUTING_AUTH__JWKS_URL", "https://issuer.example/jwks.json"),
         ]);
         let config = Config::load(None, vars).expect("loads");
-        assert!(!config.to_masked_yaml().contains("jwt_secret"));
+        assert!(!config.to_masked_yaml().contains("JWT_SECRET"));
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub mod auth;
 pub mod bus;
 pub mod config;
 pub mod error;
+pub mod listener;
 pub mod mailbox;
 pub mod presence;
 pub mod realtime;

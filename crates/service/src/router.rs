@@ -15,10 +15,10 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use routing_protocol::frame::message_frame_json;
 use routing_protocol::{Address, ErrorCode, WireEnvelope};
 
-use crate::bus::{BusEvent, DeliveryBus};
+use crate::bus::{ACKED_BY_ID, BusEvent, DeliveryBus};
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
-use crate::mailbox::{AckTarget, Appended, Mailbox, NewMessage, StoredMessage};
+use crate::mailbox::{AckTarget, Appended, Mailbox, MailboxError, NewMessage, StoredMessage};
 use crate::presence::{InstanceId, Presence};
 use crate::telemetry;
 
@@ -79,10 +79,7 @@ impl Router {
         let result = self.accept_inner(sender, wire).await;
         match &result {
             Ok(_) => metrics::counter!(telemetry::MESSAGES_ACCEPTED).increment(1),
-            Err(err) => {
-                metrics::counter!(telemetry::MESSAGES_REJECTED, "reason" => err.code.as_str())
-                    .increment(1);
-            }
+            Err(err) => record_rejected(err),
         }
         result
     }
@@ -128,7 +125,11 @@ impl Router {
 
         let started = Instant::now();
         let appended = self.mailbox.append(message).await;
-        record_backend_call("mailbox", "append", started, appended.is_ok());
+        let backend_ok = !matches!(
+            appended,
+            Err(MailboxError::Unavailable(_) | MailboxError::Internal(_))
+        );
+        record_backend_call("mailbox", "append", started, backend_ok);
         match appended? {
             Appended::New(stored) => {
                 metrics::counter!(telemetry::MESSAGES_STORED).increment(1);
@@ -167,8 +168,8 @@ impl Router {
     /// Acknowledges messages of `user` and tells the user's connections.
     pub async fn ack(&self, user: &Address, target: AckTarget) -> Result<u64, ApiError> {
         let up_to = match &target {
-            AckTarget::UpTo(seq) => Some(*seq),
-            AckTarget::Ids(_) => None,
+            AckTarget::UpTo(seq) => *seq,
+            AckTarget::Ids(_) => ACKED_BY_ID,
         };
         let started = Instant::now();
         let deleted = self.mailbox.ack(user, target).await;
@@ -176,9 +177,7 @@ impl Router {
         let deleted = deleted?;
         metrics::counter!(telemetry::MESSAGES_ACKNOWLEDGED).increment(deleted);
 
-        if let Some(up_to) = up_to
-            && let Some(instances) = self.lookup(user).await
-        {
+        if let Some(instances) = self.lookup(user).await {
             for instance in instances {
                 let event = BusEvent::Acked {
                     recipient: user.clone(),
@@ -231,6 +230,12 @@ impl Router {
             tracing::warn!(error = %err, instance = %instance, "bus publish failed; the message waits in the mailbox");
         }
     }
+}
+
+/// Counts a rejected send by its error code. Callers that reject a send
+/// before [`Router::accept`] call this too.
+pub fn record_rejected(err: &ApiError) {
+    metrics::counter!(telemetry::MESSAGES_REJECTED, "reason" => err.code.as_str()).increment(1);
 }
 
 /// Hashes the content fields of an envelope, so a retry (same content) can

@@ -22,6 +22,7 @@ use crate::bus::DeliveryBus;
 use crate::bus::memory::MemoryBus;
 use crate::bus::nats::NatsBus;
 use crate::config::{BusKind, Config, PresenceKind, Role, StoreKind};
+use crate::listener::LimitedListener;
 use crate::mailbox::embedded::EmbeddedMailbox;
 use crate::mailbox::postgres::{PostgresMailbox, PostgresPoolSettings};
 use crate::mailbox::{Mailbox, MailboxSettings};
@@ -34,6 +35,9 @@ use crate::telemetry;
 
 /// How often rate-limit state of idle users is dropped.
 const LIMITER_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+/// Connections the WebSocket port accepts beyond `websocket.max_connections`,
+/// so requests over the limit are answered 503 instead of waiting unseen.
+const UPGRADE_SLACK_CONNECTIONS: usize = 256;
 /// The longest pause between two TTL sweeps.
 const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -81,6 +85,9 @@ impl Server {
             config: config.clone(),
             metrics: telemetry::metrics_handle(),
             origins: Arc::new(OriginPolicy::new(&config.cors.allowed_origins)),
+            page_reads: Arc::new(tokio::sync::Semaphore::new(
+                api::messages::CONCURRENT_PAGE_READS,
+            )),
         };
 
         let shutdown = CancellationToken::new();
@@ -93,6 +100,7 @@ impl Server {
         if config.roles.contains(&Role::Api) {
             let listener = bind(&config, config.api_port, "api").await?;
             api_addr = Some(listener.local_addr()?);
+            let listener = LimitedListener::new(listener, config.limits.max_http_connections);
             let app = api::router(app.clone());
             servers.spawn(serve_http(listener, app, shutdown.clone()));
         }
@@ -117,6 +125,10 @@ impl Server {
             };
             let listener = bind(&config, config.websocket_port, "websocket").await?;
             websocket_addr = Some(listener.local_addr()?);
+            let listener = LimitedListener::new(
+                listener,
+                config.websocket.max_connections + UPGRADE_SLACK_CONNECTIONS,
+            );
             servers.spawn(serve_http(
                 listener,
                 realtime::router(state),
@@ -127,8 +139,7 @@ impl Server {
         spawn_maintenance(&background, &router, &mailbox, &config, &shutdown);
         tracing::info!(
             instance_id = %instance_id,
-            api = ?api_addr,
-            websocket = ?websocket_addr,
+            run_mode = ?config.run_mode,
             data_dir = %config.data_dir.display(),
             "routing-service started"
         );
@@ -256,7 +267,7 @@ async fn bind(config: &Config, port: u16, role: &'static str) -> anyhow::Result<
 }
 
 async fn serve_http(
-    listener: TcpListener,
+    listener: LimitedListener,
     app: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {

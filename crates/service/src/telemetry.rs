@@ -38,12 +38,19 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 60.0,
 ];
 
+/// The log filter when `RUST_LOG` is not set: the storage engine's routine
+/// lines are left out.
+const DEFAULT_LOG_FILTER: &str = "info,lsm_tree=warn,fjall=warn";
+
 /// Installs the global `tracing` subscriber; the level comes from `RUST_LOG`.
 pub fn init_logging(format: LogFormat) {
+    use std::io::IsTerminal as _;
+
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().try_init(),
@@ -66,9 +73,26 @@ pub fn metrics_handle() -> PrometheusHandle {
             // program; then this handle renders nothing, which is harmless.
             let _ = metrics::set_global_recorder(recorder);
             describe_metrics();
+            register_at_zero();
             handle
         })
         .clone()
+}
+
+/// Creates the unlabelled series at zero, so dashboards see them before
+/// the first event.
+fn register_at_zero() {
+    for name in [
+        MESSAGES_ACCEPTED,
+        MESSAGES_STORED,
+        MESSAGES_DUPLICATE,
+        MESSAGES_ACKNOWLEDGED,
+        MESSAGES_EXPIRED,
+        MESSAGES_DEAD_LETTERED,
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    metrics::gauge!(CONNECTIONS_OPEN).increment(0.0);
 }
 
 fn describe_metrics() {

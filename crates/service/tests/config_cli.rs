@@ -76,7 +76,10 @@ fn config_masks_secret() {
     let yaml = stdout(&output);
     assert!(!yaml.contains(SECRET), "{yaml}");
     assert!(!yaml.contains("hunter2"), "{yaml}");
-    assert!(yaml.contains("jwt_secret: \"***\""), "{yaml}");
+    assert!(
+        yaml.contains("# JWT_SECRET: *** (set in the environment)"),
+        "{yaml}"
+    );
     assert!(
         yaml.contains("postgres://app:***@db:5432/routing"),
         "{yaml}"

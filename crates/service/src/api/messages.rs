@@ -22,6 +22,11 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 /// The maximum number of ids in one `POST /messages/ack`.
 pub const MAX_ACK_IDS: usize = 1000;
+/// The body size a page of `GET /messages` stays under, in bytes: a page
+/// holds fewer than `limit` messages when envelopes are large.
+pub const MAX_PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Pages of `GET /messages` built at once; further requests wait.
+pub const CONCURRENT_PAGE_READS: usize = 64;
 /// The maximum body size of `POST /messages/ack`, in bytes.
 pub const MAX_ACK_BODY_BYTES: usize = 256 * 1024;
 
@@ -38,7 +43,14 @@ pub async fn list(
     AuthUser(identity): AuthUser,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let (after, limit) = parse_list_query(query.as_deref().unwrap_or(""))?;
+    let (after, requested) = parse_list_query(query.as_deref().unwrap_or(""))?;
+    let limit = requested.min(page_messages(state.config.limits.max_envelope_bytes));
+    let _permit = state.page_reads.acquire().await.map_err(|_| {
+        ApiError::new(
+            ErrorCode::Unavailable,
+            "the server is shutting down; retry later",
+        )
+    })?;
     let messages = state.router.read(&identity.user, after, limit).await?;
     let Some(last) = messages.last() else {
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -63,6 +75,12 @@ pub async fn list(
     body.push_str(&next_after);
     body.push('}');
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// The most messages of up to `max_envelope_bytes` each that fit in
+/// [`MAX_PAGE_BYTES`], at least one.
+pub fn page_messages(max_envelope_bytes: usize) -> usize {
+    (MAX_PAGE_BYTES / max_envelope_bytes.max(1)).clamp(1, MAX_LIMIT)
 }
 
 fn parse_list_query(query: &str) -> Result<(u64, usize), ApiError> {
@@ -154,6 +172,13 @@ mod tests {
             let err = parse_list_query(bad).unwrap_err();
             assert_eq!(err.code, ErrorCode::InvalidRequest, "{bad}");
         }
+    }
+
+    #[test]
+    fn page_size_follows_envelope_limit() {
+        assert_eq!(page_messages(65_536), 64);
+        assert_eq!(page_messages(1), MAX_LIMIT);
+        assert_eq!(page_messages(16 * 1024 * 1024), 1);
     }
 
     #[test]

@@ -5,13 +5,14 @@ use std::sync::Arc;
 
 use axum::Router as HttpRouter;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, header};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use routing_protocol::ErrorCode;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::timeout::TimeoutLayer;
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -20,7 +21,7 @@ use crate::router::Router;
 
 mod extract;
 mod health;
-mod messages;
+pub mod messages;
 mod send;
 
 pub use extract::{AuthUser, bearer_token, json_error};
@@ -39,6 +40,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Allowed browser origins.
     pub origins: Arc<OriginPolicy>,
+    /// Bounds the `GET /messages` pages built at once, and so their memory.
+    pub page_reads: Arc<tokio::sync::Semaphore>,
 }
 
 /// Browser origins allowed by `cors.allowed_origins`, compared as whole strings.
@@ -110,6 +113,10 @@ pub fn router(state: AppState) -> HttpRouter {
         .merge(health::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            state.config.limits.request_timeout,
+        ))
         .layer(cors)
         .layer(middleware::from_fn_with_state(state.clone(), check_origin))
         .with_state(state)

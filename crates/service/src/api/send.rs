@@ -10,15 +10,40 @@ use routing_protocol::{ErrorCode, SendResponse, WireEnvelope};
 use super::AppState;
 use super::extract::{AuthUser, body_error, parse_json, require_json};
 use crate::error::ApiError;
+use crate::router::record_rejected;
 
 /// Accepts an envelope; answers 202 once it is stored.
 pub async fn send(
     State(state): State<AppState>,
-    AuthUser(identity): AuthUser,
+    auth: Result<AuthUser, ApiError>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
-    require_json(&headers)?;
+    let (AuthUser(identity), wire) = match read_request(&state, auth, &headers, body) {
+        Ok(request) => request,
+        Err(err) => {
+            // Rejections before the router are counted here; the router
+            // counts its own outcomes.
+            record_rejected(&err);
+            return Err(err);
+        }
+    };
+    let accepted = state.router.accept(&identity.user, wire).await?;
+    let response = SendResponse {
+        message_id: accepted.message_id,
+        recipient_id: accepted.recipient.as_str().to_owned(),
+    };
+    Ok((StatusCode::ACCEPTED, Json(response)))
+}
+
+fn read_request(
+    state: &AppState,
+    auth: Result<AuthUser, ApiError>,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(AuthUser, WireEnvelope), ApiError> {
+    let user = auth?;
+    require_json(headers)?;
     let limit = state.config.limits.max_envelope_bytes;
     let body = body.map_err(|rejection| body_error(rejection, limit))?;
     if body.len() > limit {
@@ -30,12 +55,6 @@ pub async fn send(
             ),
         ));
     }
-
-    let wire: WireEnvelope = parse_json(&body, ErrorCode::InvalidEnvelope)?;
-    let accepted = state.router.accept(&identity.user, wire).await?;
-    let response = SendResponse {
-        message_id: accepted.message_id,
-        recipient_id: accepted.recipient.as_str().to_owned(),
-    };
-    Ok((StatusCode::ACCEPTED, Json(response)))
+    let wire = parse_json(&body, ErrorCode::InvalidEnvelope)?;
+    Ok((user, wire))
 }

@@ -329,11 +329,12 @@ pub fn unix_now() -> u64 {
 
 /// Mints an HS256 token for `user_id` that expires after `ttl`.
 pub fn mint_hs256(secret: &str, user_id: &str, ttl: Duration) -> Result<String, AuthError> {
-    Address::from_id(user_id)
+    // A URN such as urn:sm:user:bob names the same user as the bare id.
+    let user = Address::parse(user_id)
         .map_err(|err| AuthError::Invalid(format!("--user is not a valid user id: {err}")))?;
     let now = unix_now();
     let claims = Claims {
-        sub: Some(user_id.to_owned()),
+        sub: Some(user.id().to_owned()),
         exp: Some(now.saturating_add(ttl.as_secs())),
         iat: Some(now),
     };

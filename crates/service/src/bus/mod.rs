@@ -16,6 +16,10 @@ pub mod nats;
 #[cfg(test)]
 pub(crate) mod conformance;
 
+/// The `up_to` of an [`BusEvent::Acked`] sent after an ack by message ids,
+/// which names no seq; seq 0 is never assigned, so it cannot be a real ack.
+pub const ACKED_BY_ID: u64 = 0;
+
 /// What the bus carries to an instance.
 #[derive(Debug, Clone)]
 pub enum BusEvent {
@@ -31,7 +35,8 @@ pub enum BusEvent {
         frame: Bytes,
     },
     /// Messages of `recipient` up to `up_to` were acknowledged, so every
-    /// connection of the user may open its flow-control window.
+    /// connection of the user may open its flow-control window. `up_to` is
+    /// [`ACKED_BY_ID`] when messages were acknowledged by message id.
     Acked {
         /// The recipient.
         recipient: Address,

@@ -74,6 +74,9 @@ struct Store {
     max_stored_per_user: u64,
     /// Groups committed since open, for tests that check grouping.
     committed_groups: AtomicU64,
+    /// Set when a commit failed. fjall then rejects every later write, so the
+    /// mailbox reports itself unavailable until the process restarts.
+    write_failed: AtomicBool,
 }
 
 impl EmbeddedMailbox {
@@ -193,6 +196,12 @@ impl Mailbox for EmbeddedMailbox {
     }
 
     async fn check(&self) -> Result<(), MailboxError> {
+        if self.store.write_failed.load(Ordering::Acquire) {
+            return Err(MailboxError::Unavailable(
+                "a commit to disk failed, so the store accepts no more writes; restart the process"
+                    .into(),
+            ));
+        }
         let sender = self.open_sender()?;
         if sender.is_closed() {
             return Err(MailboxError::Unavailable(
@@ -296,8 +305,10 @@ impl PendingReply {
         }
     }
 
+    /// Answers a request of a group whose commit failed. Nothing of the
+    /// group was stored, so the caller may retry: the error is `Unavailable`.
     fn fail(self, reason: &str) {
-        let error = MailboxError::Internal(reason.to_owned());
+        let error = MailboxError::Unavailable(reason.to_owned());
         match self {
             Self::Appended(reply, _) => {
                 let _ = reply.send(Err(error));
@@ -387,7 +398,10 @@ fn commit_group(
             Ok(()) => {
                 store.committed_groups.fetch_add(1, Ordering::Relaxed);
             }
-            Err(err) => failure = Some(storage_error(err).to_string()),
+            Err(err) => {
+                store.write_failed.store(true, Ordering::Release);
+                failure = Some(storage_error(err).to_string());
+            }
         }
     }
     finish_group(replies, failure);
@@ -501,6 +515,7 @@ impl Store {
             dedupe_window_ms: duration_millis(settings.dedupe_window),
             max_stored_per_user: settings.max_stored_per_user,
             committed_groups: AtomicU64::new(0),
+            write_failed: AtomicBool::new(false),
         })
     }
 

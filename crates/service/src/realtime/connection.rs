@@ -35,6 +35,8 @@ const MAX_RATE_LIMITED: u32 = 20;
 /// How long the server waits to deliver its close frame. A slow consumer's
 /// close frame waits behind the frames already queued, so this is generous.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the server then waits for the client's close frame.
+const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Why the connection loop ended.
 struct Closing {
@@ -79,7 +81,7 @@ pub async fn run(
 ) {
     let connection_id = format!("{}-{}", state.instance_id, registration.id());
     let user = identity.user.clone();
-    let (sink, stream) = socket.split();
+    let (sink, mut stream) = socket.split();
 
     metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
     let presence = state.app.router.presence().clone();
@@ -100,9 +102,9 @@ pub async fn run(
         last_seen: Instant::now(),
     };
     let closing = connection
-        .serve(stream, registration, &identity, &connection_id)
+        .serve(&mut stream, registration, &identity, &connection_id)
         .await;
-    connection.close(closing).await;
+    connection.close(closing, &mut stream).await;
 
     if let Err(err) = presence.unregister(&user, &state.instance_id).await {
         tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
@@ -114,7 +116,7 @@ pub async fn run(
 impl Connection {
     async fn serve(
         &mut self,
-        mut stream: SplitStream<WebSocket>,
+        stream: &mut SplitStream<WebSocket>,
         mut registration: Registration,
         identity: &Identity,
         connection_id: &str,
@@ -127,10 +129,9 @@ impl Connection {
             return closing;
         }
 
-        let expires_at = identity
-            .expires_at
-            .saturating_add(self.state.app.verifier.leeway());
-        let token_deadline = deadline_at(expires_at);
+        // The leeway applies when a token is checked, not here: the contract
+        // closes the connection when `exp` passes on this server's clock.
+        let token_deadline = deadline_at(identity.expires_at);
         let ping_interval = self.state.app.config.websocket.ping_interval;
         let mut ping =
             tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
@@ -146,10 +147,7 @@ impl Connection {
                     Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"))
                 }
                 incoming = stream.next() => self.on_incoming(incoming).await,
-                () = signals.notify.notified() => {
-                    self.on_signals(&registration);
-                    Ok(())
-                }
+                () = signals.notify.notified() => self.on_signals(&registration).await,
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
                 _ = ping.tick() => self.on_ping_tick(ping_interval).await,
                 result = std::future::ready(()), if wants_backlog => {
@@ -172,19 +170,43 @@ impl Connection {
             .saturating_sub(self.in_flight.len())
     }
 
-    fn on_signals(&mut self, registration: &Registration) {
-        let acked = registration.signals.acked.load(Ordering::Acquire);
-        self.apply_ack(acked);
-        if registration.signals.lagged.swap(false, Ordering::AcqRel) {
+    async fn on_signals(&mut self, registration: &Registration) -> Result<(), Closing> {
+        let signals = &registration.signals;
+        self.apply_ack(signals.acked.load(Ordering::Acquire));
+        if signals.lagged.swap(false, Ordering::AcqRel) {
             self.catching_up = true;
         }
+        if signals.acked_by_id.swap(false, Ordering::AcqRel) {
+            self.drop_deleted_in_flight().await;
+        }
+        Ok(())
+    }
+
+    /// Forgets in-flight seqs that are no longer stored, after an ack by
+    /// message ids, which names no seq.
+    async fn drop_deleted_in_flight(&mut self) {
+        let (Some(&first), Some(&last)) = (self.in_flight.front(), self.in_flight.back()) else {
+            return;
+        };
+        let limit = ((last - first + 1) as usize).min(self.state.app.config.websocket.max_unacked);
+        let router = &self.state.app.router;
+        let Ok(stored) = router.read(&self.user, first - 1, limit).await else {
+            // The window stays as it is; the next ack repairs it.
+            return;
+        };
+        // A full page may end before `last`; seqs past its end stay in flight.
+        let checked_through = match stored.last() {
+            Some(message) if stored.len() == limit => message.seq,
+            _ => last,
+        };
+        let stored: std::collections::HashSet<u64> = stored.iter().map(|m| m.seq).collect();
+        self.in_flight
+            .retain(|seq| *seq > checked_through || stored.contains(seq));
     }
 
     /// Records that everything up to `up_to` is acknowledged, which opens
     /// the window. `sent_through` stays, because a client may ack a seq it
     /// has not seen yet and must still receive the messages stored above it.
-    // NOTE: acks by messageIds (HTTP only) do not open the window; a client
-    // that acks only that way while connected stalls at max_unacked.
     fn apply_ack(&mut self, up_to: u64) {
         while self.in_flight.front().is_some_and(|&seq| seq <= up_to) {
             self.in_flight.pop_front();
@@ -206,7 +228,11 @@ impl Connection {
     }
 
     async fn send_backlog_page(&mut self) -> Result<(), Closing> {
-        let limit = self.window_room().min(BACKLOG_PAGE);
+        let max_envelope = self.state.app.config.limits.max_envelope_bytes;
+        let limit = self
+            .window_room()
+            .min(BACKLOG_PAGE)
+            .min(crate::api::messages::page_messages(max_envelope));
         let messages = match self
             .state
             .app
@@ -289,13 +315,21 @@ impl Connection {
         let frame = match serde_json::from_str::<ClientFrame>(text) {
             Ok(frame) => frame,
             Err(err) => {
+                if let Some(message_id) = send_frame_message_id(text) {
+                    // A `send` whose envelope has the wrong shape is a valid
+                    // frame with an invalid envelope, answered as POST /send is.
+                    self.bad_frames = 0;
+                    let error = crate::api::json_error(&err, ErrorCode::InvalidEnvelope);
+                    crate::router::record_rejected(&error);
+                    return self.write_error(error, message_id).await;
+                }
                 let error = crate::api::json_error(&err, ErrorCode::InvalidRequest);
                 return self.on_bad_frame(error).await;
             }
         };
         self.bad_frames = 0;
         match frame {
-            ClientFrame::Ping => self.write_frame(&ServerFrame::Pong).await,
+            ClientFrame::Ping {} => self.write_frame(&ServerFrame::Pong).await,
             ClientFrame::Ack { up_to_seq } => self.on_ack(up_to_seq).await,
             ClientFrame::Send { envelope } => self.on_send(envelope).await,
         }
@@ -389,7 +423,10 @@ impl Connection {
         }
     }
 
-    async fn close(&mut self, closing: Closing) {
+    /// Sends the close frame, then reads until the client answers it, so
+    /// the socket is not reset while client data is unread (a reset would
+    /// discard the close frame before the client sees its code).
+    async fn close(&mut self, closing: Closing, stream: &mut SplitStream<WebSocket>) {
         if closing.code == 0 {
             return;
         }
@@ -399,9 +436,34 @@ impl Connection {
             code: closing.code,
             reason: Utf8Bytes::from_static(closing.reason),
         };
-        let _ =
-            tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame)))).await;
+        let sent = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame))));
+        if !matches!(sent.await, Ok(Ok(()))) {
+            return;
+        }
+        let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
+            while let Some(Ok(message)) = stream.next().await {
+                if matches!(message, Message::Close(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
     }
+}
+
+/// Returns `Some(messageId)` when `text` is a JSON object of type `send`,
+/// the inner option being the envelope's `messageId` when it is a string.
+fn send_frame_message_id(text: &str) -> Option<Option<String>> {
+    let value: serde_json::Value = serde_json::from_str(text).ok()?;
+    if value.get("type")?.as_str()? != "send" {
+        return None;
+    }
+    let message_id = value
+        .get("envelope")
+        .and_then(|envelope| envelope.get("messageId"))
+        .and_then(|id| id.as_str())
+        .map(str::to_owned);
+    Some(message_id)
 }
 
 /// Maps a read failure to a close: 1009 for an oversized frame, else gone.

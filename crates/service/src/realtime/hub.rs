@@ -12,7 +12,7 @@ use axum::extract::ws::Utf8Bytes;
 use routing_protocol::Address;
 use tokio::sync::{Notify, mpsc};
 
-use crate::bus::BusEvent;
+use crate::bus::{ACKED_BY_ID, BusEvent};
 
 /// Live messages queued per connection. When the queue is full the
 /// connection is marked lagged and reads the rest from the mailbox.
@@ -38,6 +38,8 @@ pub struct Signals {
     pub acked: AtomicU64,
     /// Set when a live message could not be queued.
     pub lagged: AtomicBool,
+    /// Set when messages of the user were acknowledged by message id.
+    pub acked_by_id: AtomicBool,
     /// Wakes the connection after `acked` or `lagged` changed.
     pub notify: Notify,
 }
@@ -173,7 +175,11 @@ impl Hub {
             }
             BusEvent::Acked { recipient, up_to } => {
                 self.each_connection(&recipient, |slot| {
-                    slot.signals.acked.fetch_max(up_to, Ordering::AcqRel);
+                    if up_to == ACKED_BY_ID {
+                        slot.signals.acked_by_id.store(true, Ordering::Release);
+                    } else {
+                        slot.signals.acked.fetch_max(up_to, Ordering::AcqRel);
+                    }
                     slot.signals.notify.notify_one();
                 });
             }

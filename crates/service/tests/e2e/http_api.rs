@@ -165,6 +165,12 @@ async fn send_rejects_bad_envelopes_and_stores_nothing() {
         ),
         ("array body", "[]".into(), 400, ErrorCode::InvalidEnvelope),
         (
+            "positional array",
+            r#"[null,"bob","a-1",null,"aGk=",null]"#.into(),
+            400,
+            ErrorCode::InvalidEnvelope,
+        ),
+        (
             "too large",
             format!(
                 r#"{{"recipientId":"bob","encryptedData":"{}"}}"#,
@@ -462,6 +468,7 @@ async fn ack_rejects_bad_bodies() {
             ErrorCode::InvalidRequest,
         ),
         ("too many ids", many, ErrorCode::InvalidRequest),
+        ("positional array", "[7]".into(), ErrorCode::InvalidRequest),
     ];
     for (name, body, code) in cases {
         let response = reqwest::Client::new()
@@ -615,6 +622,14 @@ async fn probes_and_metrics_answer() {
         assert_eq!(body["status"], "ready");
         assert_eq!(body["components"]["mailbox"], "ok");
     }
+    let unsupported = http
+        .post(format!("{}/send", app.api))
+        .bearer_auth(app.token("alice"))
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unsupported.status().as_u16(), 415);
     let metrics = http
         .get(format!("{}/metrics", app.api))
         .send()
@@ -626,9 +641,32 @@ async fn probes_and_metrics_answer() {
     for name in [
         "routing_messages_accepted_total",
         "routing_messages_stored_total",
+        "routing_messages_acknowledged_total",
+        "routing_messages_expired_total",
         "routing_backend_call_duration_seconds",
+        "routing_messages_rejected_total{reason=\"unsupported_media_type\"}",
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn large_envelopes_shorten_the_page() {
+    let app = TestApp::spawn_with(|c| c.limits.max_envelope_bytes = 1024 * 1024).await;
+    let alice = app.client("alice");
+    for index in 0..6 {
+        alice
+            .send(&envelope("bob", &format!("{index}AAA")))
+            .await
+            .unwrap();
+    }
+    let page = app.client("bob").messages(0, 100).await.unwrap().unwrap();
+    assert_eq!(page.messages.len(), 4, "4 MiB of 1 MiB envelopes");
+    assert_eq!(
+        page.next_after,
+        Some(4),
+        "a shortened page says where to go on"
+    );
     app.stop().await;
 }

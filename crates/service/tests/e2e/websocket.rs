@@ -86,7 +86,7 @@ async fn unacked_messages_are_redelivered_with_same_seq() {
         assert_eq!(next_message(&mut bob).await.0, expected);
     }
     bob.ack(2).await.unwrap();
-    bob.send_frame(&ClientFrame::Ping).await.unwrap();
+    bob.send_frame(&ClientFrame::Ping {}).await.unwrap();
     assert_eq!(next_event(&mut bob).await, Event::Frame(ServerFrame::Pong));
     bob.close().await.unwrap();
 
@@ -179,6 +179,35 @@ async fn websocket_send_answers_sent_or_error() {
         }
         other => panic!("expected an error frame, got {other:?}"),
     }
+
+    alice
+        .send_text(r#"{"type":"send","envelope":{"recipientId":"bob","encryptedData":"QQ==","messageId":"w-3","typo":1}}"#)
+        .await
+        .unwrap();
+    match next_event(&mut alice).await {
+        Event::Frame(ServerFrame::Error {
+            code, message_id, ..
+        }) => {
+            assert_eq!(
+                code,
+                ErrorCode::InvalidEnvelope,
+                "a misshapen envelope is answered as POST /send"
+            );
+            assert_eq!(message_id.as_deref(), Some("w-3"));
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+    alice
+        .send_text(r#"{"type":"ping","extra":1}"#)
+        .await
+        .unwrap();
+    assert!(matches!(
+        next_event(&mut alice).await,
+        Event::Frame(ServerFrame::Error {
+            code: ErrorCode::InvalidRequest,
+            ..
+        })
+    ));
 
     let mut bob = connect(&app.client("bob")).await;
     match next_event(&mut bob).await {
@@ -377,9 +406,38 @@ async fn ack_ahead_of_delivery_loses_nothing() {
     assert_eq!(next_message(&mut bob).await.0, 1);
 
     bob.ack(1_000).await.unwrap();
-    bob.send_frame(&ClientFrame::Ping).await.unwrap();
+    bob.send_frame(&ClientFrame::Ping {}).await.unwrap();
     assert_eq!(next_event(&mut bob).await, Event::Frame(ServerFrame::Pong));
     alice.send(&envelope("bob", "bTJBQQ==")).await.unwrap();
     assert_eq!(next_message(&mut bob).await, (2, "bTJBQQ==".into()));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn ack_by_ids_opens_the_window() {
+    let app = TestApp::spawn_with(|c| c.websocket.max_unacked = 2).await;
+    let alice = app.client("alice");
+    for index in 1..=4 {
+        alice
+            .send(&envelope_with_id("bob", "QUFB", &format!("id-{index}")))
+            .await
+            .unwrap();
+    }
+    let bob_client = app.client("bob");
+    let mut bob = connect(&bob_client).await;
+    assert_eq!(next_message(&mut bob).await.0, 1);
+    assert_eq!(next_message(&mut bob).await.0, 2);
+    assert_quiet(&mut bob, Duration::from_millis(300)).await;
+
+    let ids = vec!["id-1".to_owned(), "id-2".to_owned()];
+    bob_client
+        .ack(&routing_protocol::AckRequest {
+            up_to_seq: None,
+            message_ids: Some(ids),
+        })
+        .await
+        .unwrap();
+    assert_eq!(next_message(&mut bob).await.0, 3);
+    assert_eq!(next_message(&mut bob).await.0, 4);
     app.stop().await;
 }
