@@ -17,6 +17,11 @@ fn postgres_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
+/// The URL of a backend for tests: `ROUTING_TEST_<NAME>_URL`, or `default`.
+fn test_url(name: &str, default: &str) -> String {
+    std::env::var(format!("ROUTING_TEST_{name}_URL")).unwrap_or_else(|_| default.into())
+}
+
 /// A cluster whose schema, key prefix and subject prefix are unique to one test.
 struct Cluster {
     name: String,
@@ -40,6 +45,14 @@ impl Cluster {
             ("ROUTING_MESSAGE_STORE__POSTGRES__URL", postgres_url()),
             ("ROUTING_MESSAGE_STORE__POSTGRES__SCHEMA", self.name.clone()),
             ("ROUTING_PRESENCE_CACHE__TYPE", "redis".to_owned()),
+            (
+                "ROUTING_PRESENCE_CACHE__REDIS__URL",
+                test_url("REDIS", "redis://127.0.0.1:6379"),
+            ),
+            (
+                "ROUTING_DELIVERY_BUS__NATS__URL",
+                test_url("NATS", "nats://127.0.0.1:4222"),
+            ),
             (
                 "ROUTING_PRESENCE_CACHE__REDIS__KEY_PREFIX",
                 self.name.clone(),
