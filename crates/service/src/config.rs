@@ -302,6 +302,9 @@ pub struct WebSocketConfig {
     /// Server ping period.
     #[serde(with = "duration_text")]
     pub ping_interval: Duration,
+    /// How often a connection checks the mailbox for messages it missed.
+    #[serde(with = "duration_text")]
+    pub resync_interval: Duration,
     /// Open connections per user on one instance.
     pub max_connections_per_user: usize,
     /// Open connections on one instance.
@@ -548,8 +551,8 @@ impl Config {
 
     fn validate_backends(&self) -> Result<(), ConfigError> {
         self.validate_backend_settings()?;
-        if self.run_mode != RunMode::Local {
-            return Ok(());
+        if self.run_mode == RunMode::Cluster {
+            return self.validate_cluster_backends();
         }
         if self.presence_cache.kind != PresenceKind::Memory {
             return Err(local_mode_error("presence_cache.type", "memory", "redis"));
@@ -563,6 +566,30 @@ impl Config {
                 "embedded",
                 "postgres",
             ));
+        }
+        Ok(())
+    }
+
+    /// Cluster instances share state only through the networked backends,
+    /// so an in-process backend would split the cluster without a sign.
+    fn validate_cluster_backends(&self) -> Result<(), ConfigError> {
+        let cluster_error = |key: &str, expected: &str, found: &str| {
+            invalid(
+                key,
+                format!(
+                    "is {found}, but run_mode cluster shares state between instances, so it \
+                     must be {expected}; set run_mode: local for a single process"
+                ),
+            )
+        };
+        if self.message_store.kind != StoreKind::Postgres {
+            return Err(cluster_error("message_store.type", "postgres", "embedded"));
+        }
+        if self.presence_cache.kind != PresenceKind::Redis {
+            return Err(cluster_error("presence_cache.type", "redis", "memory"));
+        }
+        if self.delivery_bus.kind != BusKind::Nats {
+            return Err(cluster_error("delivery_bus.type", "nats", "memory"));
         }
         Ok(())
     }
@@ -666,6 +693,7 @@ impl Config {
             ("limits.request_timeout", limits.request_timeout),
             ("websocket.write_timeout", self.websocket.write_timeout),
             ("websocket.ping_interval", self.websocket.ping_interval),
+            ("websocket.resync_interval", self.websocket.resync_interval),
         ];
         for (key, value) in positive_durations {
             if value.is_zero() {
@@ -1211,6 +1239,8 @@ mod tests {
         let vars = with_secret(&[
             ("ROUTING_RUN_MODE", "cluster"),
             ("ROUTING_PRESENCE_CACHE__TYPE", "redis"),
+            ("ROUTING_DELIVERY_BUS__TYPE", "nats"),
+            ("ROUTING_MESSAGE_STORE__TYPE", "postgres"),
             ("ROUTING_LIMITS__MAX_ENVELOPE_BYTES", "1024"),
             ("ROUTING_WEBSOCKET__PING_INTERVAL", "5s"),
         ]);
@@ -1434,10 +1464,41 @@ mod tests {
         let vars = with_secret(&[
             ("ROUTING_RUN_MODE", "production"),
             ("ROUTING_MESSAGE_STORE__TYPE", "postgres"),
+            ("ROUTING_PRESENCE_CACHE__TYPE", "redis"),
+            ("ROUTING_DELIVERY_BUS__TYPE", "nats"),
         ]);
         let config = Config::load(None, vars).expect("loads");
         assert_eq!(config.run_mode, RunMode::Cluster);
         assert_eq!(config.message_store.kind, StoreKind::Postgres);
+    }
+
+    #[test]
+    fn cluster_needs_networked_backends() {
+        let cases = [
+            (
+                "ROUTING_MESSAGE_STORE__TYPE",
+                "embedded",
+                "message_store.type",
+            ),
+            (
+                "ROUTING_PRESENCE_CACHE__TYPE",
+                "memory",
+                "presence_cache.type",
+            ),
+            ("ROUTING_DELIVERY_BUS__TYPE", "memory", "delivery_bus.type"),
+        ];
+        for (name, value, key) in cases {
+            let mut vars = vec![
+                ("ROUTING_RUN_MODE", "cluster"),
+                ("ROUTING_MESSAGE_STORE__TYPE", "postgres"),
+                ("ROUTING_PRESENCE_CACHE__TYPE", "redis"),
+                ("ROUTING_DELIVERY_BUS__TYPE", "nats"),
+            ];
+            vars.retain(|(var, _)| *var != name);
+            vars.push((name, value));
+            let message = load_error(None, with_secret(&vars));
+            assert!(message.contains(key), "{name}={value}: {message}");
+        }
     }
 
     #[test]
