@@ -15,12 +15,17 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use routing_protocol::frame::message_frame_json;
 use routing_protocol::{Address, ErrorCode, WireEnvelope};
 
-use crate::bus::{ACKED_BY_ID, BusEvent, DeliveryBus};
+use crate::bus::{ACKED_BY_ID, BusError, BusEvent, DeliveryBus};
 use crate::config::LimitsConfig;
 use crate::error::ApiError;
 use crate::mailbox::{AckTarget, Appended, Mailbox, MailboxError, NewMessage, StoredMessage};
-use crate::presence::{InstanceId, Presence};
+use crate::presence::{InstanceId, Presence, PresenceError};
 use crate::telemetry;
+
+/// How long routing waits for presence or the bus. Both are hints: past
+/// this the message waits in the mailbox, and connections resync from it,
+/// so a slow backend never holds up the 202.
+pub const HINT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A send that was accepted.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +215,9 @@ impl Router {
 
     async fn lookup(&self, user: &Address) -> Option<Vec<InstanceId>> {
         let started = Instant::now();
-        let result = self.presence.lookup(user).await;
+        let result = tokio::time::timeout(HINT_TIMEOUT, self.presence.lookup(user))
+            .await
+            .unwrap_or_else(|_| Err(PresenceError::Unavailable("lookup timed out".into())));
         record_backend_call("presence", "lookup", started, result.is_ok());
         match result {
             Ok(instances) => Some(instances),
@@ -223,7 +230,9 @@ impl Router {
 
     async fn publish(&self, instance: &InstanceId, event: BusEvent) {
         let started = Instant::now();
-        let result = self.bus.publish(instance, event).await;
+        let result = tokio::time::timeout(HINT_TIMEOUT, self.bus.publish(instance, event))
+            .await
+            .unwrap_or_else(|_| Err(BusError::Unavailable("publish timed out".into())));
         record_backend_call("bus", "publish", started, result.is_ok());
         if let Err(err) = result {
             metrics::counter!(telemetry::MESSAGES_DEAD_LETTERED).increment(1);

@@ -167,6 +167,11 @@ fn log_event(connected: &AtomicBool, event: Event) {
             tracing::warn!(sid, "nats client dropped messages of a slow subscription");
         }
         Event::ServerError(err) => tracing::warn!(error = %err, "nats server error"),
+        // While disconnected, every reconnect attempt reports an error; the
+        // disconnect was logged once already.
+        Event::ClientError(err) if !connected.load(Ordering::Relaxed) => {
+            tracing::debug!(error = %err, "nats reconnect attempt failed");
+        }
         Event::ClientError(err) => tracing::warn!(error = %err, "nats client error"),
     }
 }

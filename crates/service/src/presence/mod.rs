@@ -10,6 +10,11 @@ pub mod redis;
 #[cfg(test)]
 pub(crate) mod conformance;
 
+/// How long a backend may answer `lookup` from a cache. A connection
+/// rereads the mailbox this long after it registers, so a message routed
+/// with a stale answer still reaches it.
+pub const LOOKUP_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A process's id, used for presence and its delivery bus subject.
 pub type InstanceId = std::sync::Arc<str>;
 
@@ -28,7 +33,8 @@ pub enum PresenceError {
 ///   as the instance keeps refreshing).
 /// - `register` and `unregister` count: a user with two connections on one
 ///   instance stays present until both are unregistered.
-/// - `lookup` returns each instance at most once.
+/// - `lookup` returns each instance at most once. Its answer may be up to
+///   [`LOOKUP_CACHE_TTL`] old for registrations made by other processes.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
     /// Records that `instance` holds one more connection of `user`.

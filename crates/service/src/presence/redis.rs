@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
@@ -18,7 +18,11 @@ use redis::{RedisError, Script};
 use routing_protocol::Address;
 use tokio_util::sync::CancellationToken;
 
-use super::{InstanceId, Presence, PresenceError};
+use super::{InstanceId, LOOKUP_CACHE_TTL, Presence, PresenceError};
+
+/// Users whose lookup answers are cached at once; past this, stale answers
+/// are dropped, then all of them.
+const MAX_CACHED_LOOKUPS: usize = 100_000;
 
 /// Time allowed to open a TCP connection to Redis.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -87,6 +91,9 @@ struct Inner {
     lease_ttl_ms: u64,
     /// Open connections per (user, instance) in this process.
     counts: Mutex<HashMap<(Address, InstanceId), usize>>,
+    /// Recent `lookup` answers, so a busy recipient costs one Redis call per
+    /// [`LOOKUP_CACHE_TTL`] instead of one per message.
+    lookups: Mutex<HashMap<Address, (Instant, Vec<InstanceId>)>>,
     /// Whether the last Redis call reached the server, so that each change
     /// is logged once.
     reachable: AtomicBool,
@@ -145,6 +152,7 @@ impl RedisPresence {
             key_prefix: key_prefix.to_owned(),
             lease_ttl_ms,
             counts: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
             reachable: AtomicBool::new(true),
             stop: CancellationToken::new(),
             register_script: Script::new(REGISTER_SCRIPT),
@@ -187,6 +195,31 @@ impl Inner {
     }
 
     /// Counts one more connection and returns whether it is the first.
+    fn cached_lookup(&self, user: &Address) -> Option<Vec<InstanceId>> {
+        let lookups = self.lookups.lock().expect("presence lock poisoned");
+        let (at, instances) = lookups.get(user)?;
+        (at.elapsed() < LOOKUP_CACHE_TTL).then(|| instances.clone())
+    }
+
+    fn cache_lookup(&self, user: &Address, instances: &[InstanceId]) {
+        let mut lookups = self.lookups.lock().expect("presence lock poisoned");
+        if lookups.len() >= MAX_CACHED_LOOKUPS {
+            lookups.retain(|_, (at, _)| at.elapsed() < LOOKUP_CACHE_TTL);
+            if lookups.len() >= MAX_CACHED_LOOKUPS {
+                lookups.clear();
+            }
+        }
+        lookups.insert(user.clone(), (Instant::now(), instances.to_vec()));
+    }
+
+    /// Drops a cached answer after this process changed the user's presence.
+    fn forget_lookup(&self, user: &Address) {
+        self.lookups
+            .lock()
+            .expect("presence lock poisoned")
+            .remove(user);
+    }
+
     fn count_up(&self, user: &Address, instance: &InstanceId) -> bool {
         let mut counts = self.counts.lock().expect("presence lock poisoned");
         let count = counts.entry((user.clone(), instance.clone())).or_default();
@@ -302,6 +335,7 @@ fn unavailable(err: RedisError) -> PresenceError {
 #[async_trait]
 impl Presence for RedisPresence {
     async fn register(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError> {
+        self.inner.forget_lookup(user);
         if !self.inner.count_up(user, instance) {
             return Ok(());
         }
@@ -311,6 +345,7 @@ impl Presence for RedisPresence {
     }
 
     async fn unregister(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError> {
+        self.inner.forget_lookup(user);
         if !self.inner.count_down(user, instance) {
             return Ok(());
         }
@@ -326,14 +361,23 @@ impl Presence for RedisPresence {
     }
 
     async fn lookup(&self, user: &Address) -> Result<Vec<InstanceId>, PresenceError> {
+        if let Some(instances) = self.inner.cached_lookup(user) {
+            return Ok(instances);
+        }
         let result = self
             .inner
             .lookup_script
             .key(self.inner.user_key(user))
             .invoke_async::<Vec<String>>(&mut self.inner.connection.clone())
             .await;
-        let instances = self.inner.observe(result)?;
-        Ok(instances.into_iter().map(InstanceId::from).collect())
+        let instances: Vec<InstanceId> = self
+            .inner
+            .observe(result)?
+            .into_iter()
+            .map(InstanceId::from)
+            .collect();
+        self.inner.cache_lookup(user, &instances);
+        Ok(instances)
     }
 
     async fn check(&self) -> Result<(), PresenceError> {
@@ -446,7 +490,8 @@ mod tests {
         // Deleting the key simulates a Redis restart that lost its data.
         delete_keys(&presence, &prefix).await;
         assert!(presence.lookup(&bob).await.unwrap().is_empty());
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Past the cached empty answer; the refresh runs every 200 ms.
+        tokio::time::sleep(crate::presence::LOOKUP_CACHE_TTL + Duration::from_millis(200)).await;
 
         assert_eq!(
             presence.lookup(&bob).await.unwrap(),
@@ -476,8 +521,9 @@ mod tests {
         assert_eq!(found, vec![instance("alive-1"), instance("crashed-1")]);
 
         // Dropping the only handle stops its refresh task, as a crash would.
+        // The wait also outlasts the survivor's cached lookup answer.
         drop(crashed);
-        tokio::time::sleep(Duration::from_millis(1000)).await;
+        tokio::time::sleep(crate::presence::LOOKUP_CACHE_TTL + Duration::from_millis(200)).await;
 
         assert_eq!(
             survivor.lookup(&bob).await.unwrap(),
@@ -496,5 +542,47 @@ mod tests {
     async fn check_pings_server() {
         let presence = connect(&unique_prefix(), Duration::from_secs(10)).await;
         presence.check().await.expect("PING succeeds");
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use std::time::Duration;
+
+    use routing_protocol::Address;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn lookup_is_cached_until_local_change() {
+        let url = std::env::var("ROUTING_TEST_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let prefix = format!("routing-test-cache-{}", std::process::id());
+        let local = RedisPresence::connect(&url, &prefix, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let other = RedisPresence::connect(&url, &prefix, Duration::from_secs(5))
+            .await
+            .unwrap();
+        let bob = Address::parse("cache-bob").unwrap();
+        let (here, there): (InstanceId, InstanceId) = ("here-1".into(), "there-1".into());
+
+        assert!(local.lookup(&bob).await.unwrap().is_empty());
+        other.register(&bob, &there).await.unwrap();
+        assert!(
+            local.lookup(&bob).await.unwrap().is_empty(),
+            "another process's registration is seen only after the cache TTL"
+        );
+        local.register(&bob, &here).await.unwrap();
+        let mut found = local.lookup(&bob).await.unwrap();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![here.clone(), there.clone()],
+            "a local change drops the cache"
+        );
+
+        other.unregister(&bob, &there).await.unwrap();
+        local.unregister(&bob, &here).await.unwrap();
     }
 }

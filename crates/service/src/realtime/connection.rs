@@ -23,9 +23,12 @@ use super::hub::{LiveMessage, Registration};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::mailbox::AckTarget;
+use crate::presence::LOOKUP_CACHE_TTL;
 use crate::router::{format_received_at, unix_millis};
 use crate::telemetry;
 
+/// How long after the presence cache TTL the first resync runs.
+const RESYNC_MARGIN: Duration = Duration::from_millis(250);
 /// Messages read from the mailbox per page while catching up.
 const BACKLOG_PAGE: usize = 256;
 /// Consecutive frames that are not of this protocol before the server closes with 1008.
@@ -137,6 +140,12 @@ impl Connection {
             tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
         let shutdown = self.state.shutdown.clone();
         let signals = registration.signals.clone();
+        // The first resync catches messages routed with a cached presence
+        // answer from before this connection registered.
+        let resync_interval = self.state.app.config.websocket.resync_interval;
+        let first_resync = LOOKUP_CACHE_TTL + RESYNC_MARGIN;
+        let mut resync =
+            tokio::time::interval_at(tokio::time::Instant::now() + first_resync, resync_interval);
 
         loop {
             let wants_backlog = self.catching_up && self.window_room() > 0;
@@ -150,6 +159,10 @@ impl Connection {
                 () = signals.notify.notified() => self.on_signals(&registration).await,
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
                 _ = ping.tick() => self.on_ping_tick(ping_interval).await,
+                _ = resync.tick() => {
+                    self.catching_up = true;
+                    Ok(())
+                }
                 result = std::future::ready(()), if wants_backlog => {
                     let () = result;
                     self.send_backlog_page().await
