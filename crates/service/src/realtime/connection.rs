@@ -27,6 +27,8 @@ use crate::presence::LOOKUP_CACHE_TTL;
 use crate::router::{format_received_at, unix_millis};
 use crate::telemetry;
 
+/// How long a connection waits to read its backlog again after a failed read.
+const BACKLOG_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How long after the presence cache TTL the first resync runs.
 const RESYNC_MARGIN: Duration = Duration::from_millis(250);
 /// Messages read from the mailbox per page while catching up.
@@ -72,6 +74,8 @@ struct Connection {
     bad_frames: u32,
     rate_limited: u32,
     last_seen: Instant,
+    /// When a failed backlog read is tried again.
+    backlog_retry_at: Option<tokio::time::Instant>,
 }
 
 /// Runs a connection until the client leaves, the token expires, or the
@@ -103,6 +107,7 @@ pub async fn run(
         bad_frames: 0,
         rate_limited: 0,
         last_seen: Instant::now(),
+        backlog_retry_at: None,
     };
     let closing = connection
         .serve(&mut stream, registration, &identity, &connection_id)
@@ -160,6 +165,11 @@ impl Connection {
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
                 _ = ping.tick() => self.on_ping_tick(ping_interval).await,
                 _ = resync.tick() => {
+                    self.catching_up = true;
+                    Ok(())
+                }
+                () = sleep_until_some(self.backlog_retry_at), if self.backlog_retry_at.is_some() => {
+                    self.backlog_retry_at = None;
                     self.catching_up = true;
                     Ok(())
                 }
@@ -255,11 +265,13 @@ impl Connection {
         {
             Ok(messages) => messages,
             Err(err) => {
-                tracing::warn!(error = %err, "backlog read failed; closing so the client reconnects");
-                return Err(Closing::new(
-                    close_code::GOING_AWAY,
-                    "message store unavailable",
-                ));
+                // The connection stays open: the store is the one failing,
+                // and a reconnect would fail the same way. Errors are
+                // counted per backend call, so this logs at debug only.
+                tracing::debug!(error = %err, "backlog read failed; retrying");
+                self.catching_up = false;
+                self.backlog_retry_at = Some(tokio::time::Instant::now() + BACKLOG_RETRY_DELAY);
+                return Ok(());
             }
         };
         if messages.len() < limit {
@@ -487,6 +499,13 @@ fn read_error_closing(err: axum::Error) -> Closing {
             Closing::new(close_code::TOO_LARGE, "frame larger than the limit")
         }
         _ => Closing::gone(),
+    }
+}
+
+/// Sleeps until `deadline`; only polled while it is `Some`.
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    if let Some(deadline) = deadline {
+        tokio::time::sleep_until(deadline).await;
     }
 }
 

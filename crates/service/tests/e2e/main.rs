@@ -4,5 +4,6 @@
 mod binary;
 mod cluster;
 mod http_api;
+mod outage;
 mod support;
 mod websocket;
