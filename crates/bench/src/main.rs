@@ -1,0 +1,3 @@
+//! routing-bench: the load generator of routing-service.
+
+fn main() {}
