@@ -1,4 +1,4 @@
-//! A TCP listener that holds at most a fixed number of open connections, so
+//! A TCP listener that keeps at most a fixed number of connections open, so
 //! a flood of idle sockets cannot use up the process's file descriptors,
 //! which the mailbox needs too.
 

@@ -2,11 +2,11 @@
 //! order with no duplicate, within the `max_unacked` window.
 //!
 //! The connection registers in the hub before it reads the mailbox, so a
-//! message stored after the read arrives live. It tracks `sent_through`, the
-//! highest seq it wrote: a live message at or below it is a duplicate and is
-//! dropped; one above `sent_through + 1`, a full window or a lagged queue
-//! switch the connection to catching up, which reads the mailbox from
-//! `sent_through` until it reaches the end.
+//! message stored after the read arrives live. It tracks `sent_through`,
+//! the highest seq it wrote, and drops a live message at or below it as a
+//! duplicate. A live message above `sent_through + 1`, a full window or a
+//! lagged queue switches the connection to catching up, which reads the
+//! mailbox from `sent_through` until it reaches the end.
 
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -43,7 +43,7 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the server then waits for the client's close frame.
 const CLOSE_REPLY_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Why the connection loop ended.
+/// The reason the connection loop ended, as a close code and reason.
 struct Closing {
     code: u16,
     reason: &'static str,
@@ -54,7 +54,8 @@ impl Closing {
         Self { code, reason }
     }
 
-    /// The peer is gone or the socket failed; no close frame can be sent.
+    /// Creates the reason for a peer that is gone or a socket that failed,
+    /// where no close frame can be sent.
     fn gone() -> Self {
         Self {
             code: 0,
@@ -448,9 +449,10 @@ impl Connection {
         }
     }
 
-    /// Sends the close frame, then reads until the client answers it, so
-    /// the socket is not reset while client data is unread (a reset would
-    /// discard the close frame before the client sees its code).
+    /// Sends the close frame, then reads until the client's close frame
+    /// arrives. Closing the socket with client data unread makes the kernel
+    /// send a reset, which discards the close frame before the client reads
+    /// its code.
     async fn close(&mut self, closing: Closing, stream: &mut SplitStream<WebSocket>) {
         if closing.code == 0 {
             return;
@@ -509,7 +511,7 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     }
 }
 
-/// The Tokio instant at a Unix time in seconds.
+/// Converts a Unix time in seconds to a Tokio instant.
 fn deadline_at(unix_seconds: u64) -> tokio::time::Instant {
     let now_unix = crate::auth::unix_now();
     let remaining = Duration::from_secs(unix_seconds.saturating_sub(now_unix));

@@ -130,7 +130,7 @@ async fn outages_answer_503_and_recover() {
     let alice = client(&running, "alice");
     let mut bob = connect(&client(&running, "bob")).await;
 
-    // PostgreSQL down: sends answer 503 with Retry-After, and nothing is lost after.
+    // PostgreSQL down: sends get 503 with Retry-After, and work again after.
     postgres.cut().await;
     let body = wait_ready(&running, 503).await;
     assert!(body["components"]["mailbox"]["error"].is_string(), "{body}");
