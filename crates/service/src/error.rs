@@ -62,13 +62,12 @@ impl From<MailboxError> for ApiError {
                 ErrorCode::Conflict,
                 format!("{err}; use a new messageId for new content"),
             ),
-            MailboxError::Unavailable(_) => {
-                tracing::warn!(error = %err, "mailbox unavailable");
-                Self::new(
-                    ErrorCode::Unavailable,
-                    "the message store is unavailable; retry later",
-                )
-            }
+            // The router logs when the mailbox becomes unavailable and when
+            // it answers again, so this is not logged per request.
+            MailboxError::Unavailable(_) => Self::new(
+                ErrorCode::Unavailable,
+                "the message store is unavailable; retry later",
+            ),
             MailboxError::Internal(_) => {
                 tracing::error!(error = %err, "mailbox failure");
                 Self::new(

@@ -8,6 +8,7 @@
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -43,6 +44,74 @@ pub struct Router {
     bus: Arc<dyn DeliveryBus>,
     limiter: DefaultKeyedRateLimiter<Address>,
     max_envelope_bytes: usize,
+    health: BackendHealth,
+}
+
+/// Whether each backend answered its last call, so an outage and the
+/// recovery are logged once each instead of once per call.
+#[derive(Debug)]
+struct BackendHealth {
+    up: [AtomicBool; 3],
+}
+
+/// The backends the router calls, as named in logs and metric labels.
+#[derive(Debug, Clone, Copy)]
+enum Backend {
+    Mailbox = 0,
+    Presence = 1,
+    Bus = 2,
+}
+
+impl Backend {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Mailbox => "mailbox",
+            Self::Presence => "presence",
+            Self::Bus => "bus",
+        }
+    }
+}
+
+impl BackendHealth {
+    fn new() -> Self {
+        Self {
+            up: [
+                AtomicBool::new(true),
+                AtomicBool::new(true),
+                AtomicBool::new(true),
+            ],
+        }
+    }
+
+    /// Records a call's outcome; logs when the backend's state changes.
+    fn record(
+        &self,
+        backend: Backend,
+        operation: &'static str,
+        started: Instant,
+        failure: Option<&dyn std::fmt::Display>,
+    ) {
+        let name = backend.name();
+        metrics::histogram!(telemetry::BACKEND_CALL_DURATION, "backend" => name, "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        let up = &self.up[backend as usize];
+        match failure {
+            None => {
+                if !up.swap(true, Ordering::AcqRel) {
+                    tracing::info!(backend = name, "backend answers again");
+                }
+            }
+            Some(error) => {
+                metrics::counter!(telemetry::BACKEND_ERRORS, "backend" => name, "operation" => operation)
+                    .increment(1);
+                if up.swap(false, Ordering::AcqRel) {
+                    tracing::warn!(backend = name, operation, error = %error, "backend call failed; messages wait in the mailbox where possible");
+                } else {
+                    tracing::debug!(backend = name, operation, error = %error, "backend call failed");
+                }
+            }
+        }
+    }
 }
 
 impl Router {
@@ -61,6 +130,7 @@ impl Router {
             bus,
             limiter: RateLimiter::keyed(Quota::per_second(rate).allow_burst(burst)),
             max_envelope_bytes: limits.max_envelope_bytes,
+            health: BackendHealth::new(),
         }
     }
 
@@ -130,11 +200,12 @@ impl Router {
 
         let started = Instant::now();
         let appended = self.mailbox.append(message).await;
-        let backend_ok = !matches!(
-            appended,
-            Err(MailboxError::Unavailable(_) | MailboxError::Internal(_))
-        );
-        record_backend_call("mailbox", "append", started, backend_ok);
+        let failure = match &appended {
+            Err(err @ (MailboxError::Unavailable(_) | MailboxError::Internal(_))) => Some(err),
+            _ => None,
+        };
+        self.health
+            .record(Backend::Mailbox, "append", started, failure.map(|e| e as _));
         match appended? {
             Appended::New(stored) => {
                 metrics::counter!(telemetry::MESSAGES_STORED).increment(1);
@@ -178,7 +249,12 @@ impl Router {
         };
         let started = Instant::now();
         let deleted = self.mailbox.ack(user, target).await;
-        record_backend_call("mailbox", "ack", started, deleted.is_ok());
+        self.health.record(
+            Backend::Mailbox,
+            "ack",
+            started,
+            deleted.as_ref().err().map(|e| e as _),
+        );
         let deleted = deleted?;
         metrics::counter!(telemetry::MESSAGES_ACKNOWLEDGED).increment(deleted);
 
@@ -203,7 +279,12 @@ impl Router {
     ) -> Result<Vec<StoredMessage>, ApiError> {
         let started = Instant::now();
         let messages = self.mailbox.read(user, after, limit).await;
-        record_backend_call("mailbox", "read", started, messages.is_ok());
+        self.health.record(
+            Backend::Mailbox,
+            "read",
+            started,
+            messages.as_ref().err().map(|e| e as _),
+        );
         Ok(messages?)
     }
 
@@ -218,14 +299,13 @@ impl Router {
         let result = tokio::time::timeout(HINT_TIMEOUT, self.presence.lookup(user))
             .await
             .unwrap_or_else(|_| Err(PresenceError::Unavailable("lookup timed out".into())));
-        record_backend_call("presence", "lookup", started, result.is_ok());
-        match result {
-            Ok(instances) => Some(instances),
-            Err(err) => {
-                tracing::warn!(error = %err, "presence lookup failed; the message waits in the mailbox");
-                None
-            }
-        }
+        self.health.record(
+            Backend::Presence,
+            "lookup",
+            started,
+            result.as_ref().err().map(|e| e as _),
+        );
+        result.ok()
     }
 
     async fn publish(&self, instance: &InstanceId, event: BusEvent) {
@@ -233,10 +313,14 @@ impl Router {
         let result = tokio::time::timeout(HINT_TIMEOUT, self.bus.publish(instance, event))
             .await
             .unwrap_or_else(|_| Err(BusError::Unavailable("publish timed out".into())));
-        record_backend_call("bus", "publish", started, result.is_ok());
-        if let Err(err) = result {
+        self.health.record(
+            Backend::Bus,
+            "publish",
+            started,
+            result.as_ref().err().map(|e| e as _),
+        );
+        if result.is_err() {
             metrics::counter!(telemetry::MESSAGES_DEAD_LETTERED).increment(1);
-            tracing::warn!(error = %err, instance = %instance, "bus publish failed; the message waits in the mailbox");
         }
     }
 }
@@ -282,18 +366,23 @@ pub fn unix_millis(time: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
-fn record_backend_call(backend: &'static str, operation: &'static str, started: Instant, ok: bool) {
-    metrics::histogram!(telemetry::BACKEND_CALL_DURATION, "backend" => backend, "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
-    if !ok {
-        metrics::counter!(telemetry::BACKEND_ERRORS, "backend" => backend, "operation" => operation)
-            .increment(1);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_health_tracks_state_changes() {
+        let health = BackendHealth::new();
+        let error = "connection refused";
+        health.record(Backend::Bus, "publish", Instant::now(), Some(&error));
+        assert!(!health.up[Backend::Bus as usize].load(Ordering::Acquire));
+        assert!(
+            health.up[Backend::Mailbox as usize].load(Ordering::Acquire),
+            "others stay up"
+        );
+        health.record(Backend::Bus, "publish", Instant::now(), None);
+        assert!(health.up[Backend::Bus as usize].load(Ordering::Acquire));
+    }
 
     #[test]
     fn received_at_has_milliseconds_and_z() {
