@@ -230,15 +230,16 @@ impl Router {
             &received_at,
             &stored.envelope_json,
         ));
-        for instance in instances {
+        let publishes = instances.iter().map(|instance| {
             let event = BusEvent::Delivery {
                 recipient: recipient.clone(),
                 seq: stored.seq,
                 received_at_ms: stored.received_at_ms,
                 frame: frame.clone(),
             };
-            self.publish(&instance, event).await;
-        }
+            self.publish(instance, event)
+        });
+        futures_util::future::join_all(publishes).await;
     }
 
     /// Acknowledges messages of `user` and tells the user's connections.
@@ -258,14 +259,18 @@ impl Router {
         let deleted = deleted?;
         metrics::counter!(telemetry::MESSAGES_ACKNOWLEDGED).increment(deleted);
 
-        if let Some(instances) = self.lookup(user).await {
-            for instance in instances {
+        // An ack that deleted nothing changes no connection's window.
+        if deleted > 0
+            && let Some(instances) = self.lookup(user).await
+        {
+            let publishes = instances.iter().map(|instance| {
                 let event = BusEvent::Acked {
                     recipient: user.clone(),
                     up_to,
                 };
-                self.publish(&instance, event).await;
-            }
+                self.publish(instance, event)
+            });
+            futures_util::future::join_all(publishes).await;
         }
         Ok(deleted)
     }

@@ -111,9 +111,17 @@ impl Server {
             ));
             let mut deliveries = bus.subscribe(&instance_id).await?;
             let dispatcher = hub.clone();
+            let stop = shutdown.clone();
             background.spawn(async move {
-                while let Some(event) = deliveries.recv().await {
-                    dispatcher.dispatch(event);
+                loop {
+                    let event = tokio::select! {
+                        () = stop.cancelled() => return,
+                        event = deliveries.recv() => event,
+                    };
+                    match event {
+                        Some(event) => dispatcher.dispatch(event),
+                        None => return,
+                    }
                 }
             });
             let state = RealtimeState {
@@ -271,9 +279,7 @@ async fn serve_http(
     app: axum::Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown.cancelled_owned())
-        .await
+    crate::listener::serve(listener, app, shutdown).await
 }
 
 fn spawn_maintenance(

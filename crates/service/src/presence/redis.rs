@@ -201,7 +201,7 @@ impl Inner {
         (at.elapsed() < LOOKUP_CACHE_TTL).then(|| instances.clone())
     }
 
-    fn cache_lookup(&self, user: &Address, instances: &[InstanceId]) {
+    fn cache_lookup(&self, user: &Address, instances: &[InstanceId], asked_at: Instant) {
         let mut lookups = self.lookups.lock().expect("presence lock poisoned");
         if lookups.len() >= MAX_CACHED_LOOKUPS {
             lookups.retain(|_, (at, _)| at.elapsed() < LOOKUP_CACHE_TTL);
@@ -209,7 +209,7 @@ impl Inner {
                 lookups.clear();
             }
         }
-        lookups.insert(user.clone(), (Instant::now(), instances.to_vec()));
+        lookups.insert(user.clone(), (asked_at, instances.to_vec()));
     }
 
     /// Drops a cached answer after this process changed the user's presence.
@@ -364,6 +364,9 @@ impl Presence for RedisPresence {
         if let Some(instances) = self.inner.cached_lookup(user) {
             return Ok(instances);
         }
+        // The answer ages from before the request, so an answer that raced
+        // a registration expires no later than the registration plus the TTL.
+        let asked_at = Instant::now();
         let result = self
             .inner
             .lookup_script
@@ -376,7 +379,7 @@ impl Presence for RedisPresence {
             .into_iter()
             .map(InstanceId::from)
             .collect();
-        self.inner.cache_lookup(user, &instances);
+        self.inner.cache_lookup(user, &instances, asked_at);
         Ok(instances)
     }
 

@@ -27,6 +27,9 @@ use crate::presence::LOOKUP_CACHE_TTL;
 use crate::router::{format_received_at, unix_millis};
 use crate::telemetry;
 
+/// The latest token-expiry deadline a connection sets; a later `exp` is
+/// treated as this far away.
+const FARTHEST_DEADLINE: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// How long a connection waits to read its backlog again after a failed read.
 const BACKLOG_RETRY_DELAY: Duration = Duration::from_secs(1);
 /// How long after the presence cache TTL the first resync runs.
@@ -166,6 +169,9 @@ impl Connection {
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
                 _ = ping.tick() => self.on_ping_tick(ping_interval).await,
                 _ = resync.tick() => {
+                    // An ack event lost on the bus leaves the window full, so
+                    // the resync also rechecks what is still in flight.
+                    self.drop_deleted_in_flight().await;
                     self.catching_up = true;
                     Ok(())
                 }
@@ -212,10 +218,13 @@ impl Connection {
         let (Some(&first), Some(&last)) = (self.in_flight.front(), self.in_flight.back()) else {
             return;
         };
-        let limit = ((last - first + 1) as usize).min(self.state.app.config.websocket.max_unacked);
+        let max_envelope = self.state.app.config.limits.max_envelope_bytes;
+        let limit = ((last - first + 1) as usize)
+            .min(self.state.app.config.websocket.max_unacked)
+            .min(crate::api::messages::page_messages(max_envelope));
         let router = &self.state.app.router;
         let Ok(stored) = router.read(&self.user, first - 1, limit).await else {
-            // The window stays as it is; the next ack repairs it.
+            // The window stays as it is until the next ack or resync.
             return;
         };
         // A full page may end before `last`; seqs past its end stay in flight.
@@ -515,5 +524,8 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
 fn deadline_at(unix_seconds: u64) -> tokio::time::Instant {
     let now_unix = crate::auth::unix_now();
     let remaining = Duration::from_secs(unix_seconds.saturating_sub(now_unix));
-    tokio::time::Instant::now() + remaining
+    let now = tokio::time::Instant::now();
+    // A token may carry an `exp` so far ahead that the sum overflows.
+    now.checked_add(remaining.min(FARTHEST_DEADLINE))
+        .unwrap_or(now + FARTHEST_DEADLINE)
 }

@@ -5,5 +5,6 @@ mod binary;
 mod cluster;
 mod http_api;
 mod outage;
+mod regressions;
 mod support;
 mod websocket;
