@@ -8,11 +8,11 @@ use clap::{Parser, ValueEnum};
 #[derive(Debug, Clone, Parser)]
 #[command(name = "routing-bench", version)]
 pub struct Options {
-    /// Which workload to run.
+    /// The workload to run.
     #[arg(value_enum)]
     pub scenario: Scenario,
 
-    /// Which server the load goes to.
+    /// The server under load.
     #[arg(long, value_enum, default_value_t = Target::Routing)]
     pub target: Target,
 
@@ -40,7 +40,7 @@ pub struct Options {
     #[arg(long, value_parser = parse_duration, default_value = "10s")]
     pub duration: Duration,
 
-    /// Messages per second over all senders; 0 sends as fast as the server answers.
+    /// Messages per second over all senders; 0 sends as fast as the server responds.
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
 
@@ -52,7 +52,7 @@ pub struct Options {
     #[arg(long, default_value_t = 16)]
     pub senders: usize,
 
-    /// How senders send: `POST /send` with keep-alive, or `send` frames on a WebSocket.
+    /// The send path: `POST /send` with keep-alive, or `send` frames on a WebSocket.
     #[arg(long, value_enum, default_value_t = Via::Http)]
     pub via: Via,
 
@@ -113,7 +113,7 @@ pub enum Target {
     Soketi,
 }
 
-/// How senders submit messages.
+/// The path senders submit messages through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Via {
@@ -126,7 +126,8 @@ pub enum Via {
 /// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let invalid = || format!("invalid duration {text:?}: expected a number with ms, s or m, like 10s");
+    let invalid =
+        || format!("invalid duration {text:?}: expected a number with ms, s or m, like 10s");
     let (number, unit_ms) = if let Some(number) = text.strip_suffix("ms") {
         (number, 1.0)
     } else if let Some(number) = text.strip_suffix('s') {
@@ -156,11 +157,18 @@ impl Options {
         if self.recipients == 0 {
             anyhow::bail!("--recipients must be at least 1");
         }
-        if self.senders == 0 && matches!(self.scenario, Scenario::Online | Scenario::Backlog | Scenario::Reconnect) {
+        if self.senders == 0
+            && matches!(
+                self.scenario,
+                Scenario::Online | Scenario::Backlog | Scenario::Reconnect
+            )
+        {
             anyhow::bail!("--senders must be at least 1");
         }
         if self.target == Target::Routing && self.jwt_secret.is_empty() {
-            anyhow::bail!("missing token secret: pass --jwt-secret or set JWT_SECRET to the server's secret");
+            anyhow::bail!(
+                "missing token secret: pass --jwt-secret or set JWT_SECRET to the server's secret"
+            );
         }
         if self.target == Target::Soketi {
             match (self.scenario, self.via) {
@@ -177,7 +185,10 @@ impl Options {
             let mut previous = 0;
             for &step in &self.steps {
                 if step <= previous {
-                    anyhow::bail!("--steps must be increasing connection counts, got {:?}", self.steps);
+                    anyhow::bail!(
+                        "--steps must be increasing connection counts, got {:?}",
+                        self.steps
+                    );
                 }
                 previous = step;
             }

@@ -28,7 +28,10 @@ pub fn message_key(sender: u32, counter: u64) -> MessageKey {
 
 /// Splits a key into sender index and counter.
 pub fn split_key(key: MessageKey) -> (u32, u64) {
-    ((key >> COUNTER_BITS) as u32, key & ((1 << COUNTER_BITS) - 1))
+    (
+        (key >> COUNTER_BITS) as u32,
+        key & ((1 << COUNTER_BITS) - 1),
+    )
 }
 
 /// Nanoseconds since the first call in this process, from a monotonic clock.

@@ -26,8 +26,8 @@ pub type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Failed connection attempts in a row after which a receiver gives up.
 const MAX_CONNECT_FAILURES: u32 = 20;
-/// Frames handled before an ack is sent, at most; well below the server's
-/// default `websocket.max_unacked` of 1000, so the server never waits for acks.
+/// Max frames handled before an ack is sent. It stays below the server's
+/// default `websocket.max_unacked` of 1000, so deliveries do not stall on acks.
 const ACK_BATCH: usize = 256;
 /// Errors printed on stderr per run; later ones are only counted.
 const LOGGED_ERRORS: u64 = 20;
@@ -90,12 +90,12 @@ impl Users {
         }
     }
 
-    /// The id of recipient `index`.
+    /// Returns the id of recipient `index`.
     pub fn recipient(&self, index: usize) -> String {
         format!("{}-r{index}", self.prefix)
     }
 
-    /// The id of sender `index`.
+    /// Returns the id of sender `index`.
     pub fn sender(&self, index: usize) -> String {
         format!("{}-s{index}", self.prefix)
     }
@@ -169,7 +169,7 @@ struct EnvelopeHead<'a> {
     encrypted_data: Option<&'a str>,
 }
 
-/// What receivers are told to do; changed through a `watch` channel.
+/// Commands to receivers, sent through a `watch` channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Control {
     /// Bumped to make every receiver drop its connection and open a new one.
@@ -178,7 +178,7 @@ pub struct Control {
     pub stop: bool,
 }
 
-/// What one receiver saw; latencies go to the shared histogram in [`Counters`].
+/// Messages one receiver got. Latencies go to the shared histogram in [`Counters`].
 #[derive(Debug, Default)]
 pub struct ReceiverOutcome {
     /// Keys of first deliveries.
@@ -191,7 +191,7 @@ pub struct ReceiverOutcome {
     pub sessions: u64,
 }
 
-/// Why a receiver's connection ended.
+/// The reason a receiver's connection ended.
 enum SessionEnd {
     Stop,
     Reconnect,
@@ -216,7 +216,10 @@ impl ReceiverState {
         let text = match message {
             Message::Text(text) => text,
             Message::Close(frame) => {
-                if frame.as_ref().is_some_and(|frame| u16::from(frame.code) != 1000) {
+                if frame
+                    .as_ref()
+                    .is_some_and(|frame| u16::from(frame.code) != 1000)
+                {
                     log_error(format_args!("the server closed a receiver: {frame:?}"));
                 }
                 return false;
@@ -226,7 +229,9 @@ impl ReceiverState {
         let frame: FrameHead<'_> = match serde_json::from_str(&text) {
             Ok(frame) => frame,
             Err(err) => {
-                log_error(format_args!("invalid frame from the server ({err}): {text}"));
+                log_error(format_args!(
+                    "invalid frame from the server ({err}): {text}"
+                ));
                 return true;
             }
         };
@@ -268,7 +273,7 @@ impl ReceiverState {
     }
 }
 
-/// Receives as one recipient until told to stop: connects, reads messages,
+/// Receives as one recipient until [`Control::stop`] is set: connects, reads messages,
 /// acks after each batch, and reconnects when the generation changes or the
 /// connection is lost. `gate` bounds the handshakes in progress at once.
 pub async fn run_receiver(
@@ -299,7 +304,9 @@ pub async fn run_receiver(
             Err(err) => {
                 Counters::bump(&counters.connection_errors);
                 failures += 1;
-                log_error(format_args!("receiver connect failed (attempt {failures}): {err:#}"));
+                log_error(format_args!(
+                    "receiver connect failed (attempt {failures}): {err:#}"
+                ));
                 if failures >= MAX_CONNECT_FAILURES {
                     break;
                 }
@@ -325,7 +332,9 @@ pub async fn run_receiver(
             SessionEnd::Lost => {
                 Counters::bump(&counters.connection_errors);
                 if !control.borrow().stop {
-                    log_error(format_args!("a receiver's connection was lost; reconnecting"));
+                    log_error(format_args!(
+                        "a receiver's connection was lost; reconnecting"
+                    ));
                 }
             }
         }
@@ -342,7 +351,7 @@ async fn read_session(
     generation: &mut u64,
 ) -> SessionEnd {
     let mut acked = 0;
-    // Ends when the connection ends or the control says stop or reconnect.
+    // Ends when the connection ends or the control is set to stop or reconnect.
     loop {
         tokio::select! {
             biased;
@@ -389,7 +398,7 @@ async fn read_session(
     }
 }
 
-/// Which messages a sender sends.
+/// The messages a sender sends.
 #[derive(Debug, Clone)]
 pub enum Workload {
     /// Until `deadline`, paced to `period` per message when given.
@@ -402,7 +411,7 @@ pub enum Workload {
     Fixed { next: Arc<AtomicU64>, total: u64 },
 }
 
-/// What every sender of a run shares.
+/// Settings and counters shared by every sender of a run.
 #[derive(Debug, Clone)]
 pub struct SendPlan {
     pub counters: Arc<Counters>,
@@ -411,7 +420,7 @@ pub struct SendPlan {
     pub senders: usize,
     pub payload_bytes: usize,
     pub workload: Workload,
-    /// How long to wait for the answers still in flight after the last send.
+    /// How long to wait for responses still in flight after the last send.
     pub drain_timeout: Duration,
 }
 
@@ -424,6 +433,10 @@ pub(crate) struct Schedule<'a> {
 
 impl Schedule<'_> {
     /// Waits until message `counter` is due and returns its recipient; `None` when done.
+    ///
+    /// NOTE: a sender that falls behind its pace sends at once, and the payload
+    /// carries the actual send time, not the due time, so latency under
+    /// overload leaves out the time a message waited to be sent.
     pub(crate) async fn next(&self, counter: u64) -> Option<&str> {
         let recipients = &self.plan.recipients;
         match &self.plan.workload {
@@ -446,13 +459,21 @@ impl Schedule<'_> {
     }
 
     fn paced(&self) -> bool {
-        matches!(self.plan.workload, Workload::Timed { period: Some(_), .. })
+        matches!(
+            self.plan.workload,
+            Workload::Timed {
+                period: Some(_),
+                ..
+            }
+        )
     }
 }
 
-/// The JSON body of one envelope.
+/// Builds the JSON body of one envelope.
 fn envelope_json(recipient: &str, sender: usize, counter: u64, data: &str) -> String {
-    format!(r#"{{"recipientId":"{recipient}","messageId":"m{sender}.{counter}","encryptedData":"{data}"}}"#)
+    format!(
+        r#"{{"recipientId":"{recipient}","messageId":"m{sender}.{counter}","encryptedData":"{data}"}}"#
+    )
 }
 
 /// Sends with `POST /send`, one request at a time, and returns the keys of
@@ -498,7 +519,7 @@ pub async fn run_http_sender(
                 let status = response.status();
                 let text = response.text().await.unwrap_or_default();
                 Counters::bump(&counters.rejected);
-                log_error(format_args!("POST /send answered {status}: {text}"));
+                log_error(format_args!("POST /send returned {status}: {text}"));
             }
             Err(err) => {
                 Counters::bump(&counters.send_errors);
@@ -512,7 +533,7 @@ pub async fn run_http_sender(
 }
 
 /// Sends `send` frames on one WebSocket with up to `window` unanswered, and
-/// returns the keys that were answered with `sent`.
+/// returns the keys that the server confirmed with a `sent` frame.
 pub async fn run_ws_sender(
     ws_base: String,
     token: String,
@@ -541,7 +562,9 @@ pub async fn run_ws_sender(
         tokio::spawn(async move {
             // Ends when the connection closes; the writer closes it after the drain.
             while let Some(Ok(message)) = stream.next().await {
-                let Message::Text(text) = message else { continue };
+                let Message::Text(text) = message else {
+                    continue;
+                };
                 let Ok(frame) = serde_json::from_str::<FrameHead<'_>>(&text) else {
                     log_error(format_args!("invalid frame on a sender: {text}"));
                     continue;
@@ -551,7 +574,9 @@ pub async fn run_ws_sender(
                         let key = frame.message_id.and_then(parse_message_id);
                         match key {
                             Some(key) => accepted.lock().expect("not poisoned").push(key),
-                            None => log_error(format_args!("sent frame with an unknown id: {text}")),
+                            None => {
+                                log_error(format_args!("sent frame with an unknown id: {text}"))
+                            }
                         }
                         Counters::bump(&counters.accepted);
                         permits.add_permits(1);
@@ -586,10 +611,15 @@ pub async fn run_ws_sender(
                     break;
                 }
                 unflushed = 0;
-                match tokio::time::timeout(plan.drain_timeout, permits.clone().acquire_owned()).await {
+                match tokio::time::timeout(plan.drain_timeout, permits.clone().acquire_owned())
+                    .await
+                {
                     Ok(Ok(permit)) => permit,
                     _ => {
-                        log_error(format_args!("sender {index}: no answer to {window} sends within {:?}", plan.drain_timeout));
+                        log_error(format_args!(
+                            "sender {index}: no answer to {window} sends within {:?}",
+                            plan.drain_timeout
+                        ));
                         break;
                     }
                 }
@@ -617,14 +647,23 @@ pub async fn run_ws_sender(
     }
     let _ = sink.flush().await;
 
-    // Every permit back means every send was answered.
-    let drained = tokio::time::timeout(plan.drain_timeout, permits.acquire_many(window as u32)).await;
+    // All permits back means the server responded to every send.
+    let drained =
+        tokio::time::timeout(plan.drain_timeout, permits.acquire_many(window as u32)).await;
     if drained.is_err() {
-        log_error(format_args!("sender {index}: some sends were not answered within {:?}", plan.drain_timeout));
+        log_error(format_args!(
+            "sender {index}: some sends were not answered within {:?}",
+            plan.drain_timeout
+        ));
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), sink.close()).await;
-    if tokio::time::timeout(Duration::from_secs(2), reader).await.is_err() {
-        log_error(format_args!("sender {index}: the server did not close the connection"));
+    if tokio::time::timeout(Duration::from_secs(2), reader)
+        .await
+        .is_err()
+    {
+        log_error(format_args!(
+            "sender {index}: the server did not close the connection"
+        ));
     }
     std::mem::take(&mut *accepted.lock().expect("not poisoned"))
 }
@@ -635,7 +674,7 @@ fn parse_message_id(id: &str) -> Option<MessageKey> {
     Some(message_key(sender.parse().ok()?, counter.parse().ok()?))
 }
 
-/// A keep-alive HTTP client for `senders` concurrent senders, never through a proxy.
+/// Builds a keep-alive HTTP client for `senders` concurrent senders that never uses a proxy.
 pub fn http_client(senders: usize) -> anyhow::Result<reqwest::Client> {
     Ok(reqwest::Client::builder()
         .no_proxy()

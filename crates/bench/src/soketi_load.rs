@@ -15,7 +15,7 @@ use crate::stats::Counters;
 /// Latencies kept by a receiver before they go to the shared histogram.
 const LATENCY_BATCH: usize = 64;
 
-/// Receives on `private-user-<user>` until told to stop. Does not reconnect:
+/// Receives on `private-user-<user>` until [`Control::stop`] is set. Does not reconnect:
 /// a lost connection ends the receiver and counts as a connection error.
 pub async fn run_receiver(
     config: Arc<SoketiConfig>,
@@ -33,7 +33,9 @@ pub async fn run_receiver(
         Ok(receiver) => receiver,
         Err(err) => {
             Counters::bump(&counters.connection_errors);
-            log_error(format_args!("soketi receiver for {user} failed to open: {err:#}"));
+            log_error(format_args!(
+                "soketi receiver for {user} failed to open: {err:#}"
+            ));
             return outcome;
         }
     };
@@ -79,13 +81,19 @@ pub async fn run_receiver(
         }
     }
     counters.record_latencies(&mut latencies);
-    counters.connected.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    counters
+        .connected
+        .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     outcome
 }
 
 /// Publishes through the events API, one request at a time, and returns the
 /// keys of the events soketi accepted.
-pub async fn run_sender(publisher: SoketiPublisher, index: usize, plan: SendPlan) -> Vec<MessageKey> {
+pub async fn run_sender(
+    publisher: SoketiPublisher,
+    index: usize,
+    plan: SendPlan,
+) -> Vec<MessageKey> {
     let schedule = Schedule {
         plan: &plan,
         index,

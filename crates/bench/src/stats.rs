@@ -2,8 +2,8 @@
 //! /proc, latency summaries and the final report.
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
@@ -18,9 +18,9 @@ use crate::payload::{MessageKey, split_key};
 pub struct Counters {
     /// Messages the server accepted (202 or `sent`).
     pub accepted: AtomicU64,
-    /// Messages the server answered with an error status or frame.
+    /// Messages the server rejected with an error status or frame.
     pub rejected: AtomicU64,
-    /// Sends that failed in transport (no answer).
+    /// Sends that failed in transport, with no response.
     pub send_errors: AtomicU64,
     /// Messages received for the first time (redeliveries are not counted).
     pub delivered: AtomicU64,
@@ -67,7 +67,10 @@ impl Counters {
         if samples.is_empty() {
             return;
         }
-        let mut histogram = self.latency.lock().expect("no thread panicked holding the histogram");
+        let mut histogram = self
+            .latency
+            .lock()
+            .expect("no thread panicked holding the histogram");
         for &sample in samples.iter() {
             histogram.saturating_record(sample.max(1));
         }
@@ -135,11 +138,12 @@ impl ServerProbe {
         })
     }
 
-    /// The process's user plus system CPU time, in seconds.
+    /// Reads the process's user plus system CPU time, in seconds.
     pub fn cpu_seconds(&self) -> anyhow::Result<f64> {
         let path = format!("/proc/{}/stat", self.pid);
-        let stat = std::fs::read_to_string(&path)
-            .map_err(|err| anyhow::anyhow!("reading {path} failed: {err}; is --server-pid right?"))?;
+        let stat = std::fs::read_to_string(&path).map_err(|err| {
+            anyhow::anyhow!("reading {path} failed: {err}; is --server-pid right?")
+        })?;
         // The command name in brackets may contain spaces, so fields are
         // counted after its closing bracket: utime and stime are fields 14 and
         // 15 of the whole line, so 12 and 13 after the name.
@@ -157,11 +161,12 @@ impl ServerProbe {
         Ok((ticks(11)? + ticks(12)?) as f64 / self.ticks_per_second as f64)
     }
 
-    /// The process's resident set size (VmRSS), in bytes.
+    /// Reads the process's resident set size (VmRSS), in bytes.
     pub fn rss_bytes(&self) -> anyhow::Result<u64> {
         let path = format!("/proc/{}/status", self.pid);
-        let status = std::fs::read_to_string(&path)
-            .map_err(|err| anyhow::anyhow!("reading {path} failed: {err}; is --server-pid right?"))?;
+        let status = std::fs::read_to_string(&path).map_err(|err| {
+            anyhow::anyhow!("reading {path} failed: {err}; is --server-pid right?")
+        })?;
         let line = status
             .lines()
             .find(|line| line.starts_with("VmRSS:"))
@@ -177,7 +182,7 @@ impl ServerProbe {
     }
 }
 
-/// The kernel's clock ticks per second from `getconf CLK_TCK`; 100 when getconf fails.
+/// Returns the kernel's clock ticks per second from `getconf CLK_TCK`, or 100 when getconf fails.
 fn clock_ticks_per_second() -> u64 {
     std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -189,7 +194,7 @@ fn clock_ticks_per_second() -> u64 {
         .unwrap_or(100)
 }
 
-/// A new latency histogram in microseconds, from 1 µs to 10 minutes, at three
+/// Creates a latency histogram in microseconds, from 1 µs to 10 minutes, at three
 /// significant digits.
 pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("the histogram bounds are valid")
@@ -300,7 +305,7 @@ impl Accounting {
         }
     }
 
-    /// Whether the run broke a delivery guarantee.
+    /// Returns whether the run broke a delivery guarantee.
     pub fn failed(&self) -> bool {
         self.lost > 0 || self.duplicates_on_connection > 0
     }
@@ -318,7 +323,7 @@ pub struct MemoryStep {
 pub struct Report {
     pub scenario: Scenario,
     pub target: Target,
-    /// How senders sent; absent for idle.
+    /// The send path, absent for idle.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub via: Option<Via>,
     pub recipients: usize,
@@ -368,7 +373,7 @@ pub struct Report {
 }
 
 impl Report {
-    /// A report with the run's parameters and nothing measured yet.
+    /// Creates a report with the run's parameters and nothing measured yet.
     pub fn new(options: &crate::options::Options) -> Self {
         Self {
             scenario: options.scenario,
@@ -414,16 +419,17 @@ impl Report {
             0.0
         };
         self.server_cpu_s = server_cpu_s;
-        self.server_cpu_s_per_1000 =
-            server_cpu_s.filter(|_| delivered > 0).map(|cpu| cpu * 1000.0 / delivered as f64);
+        self.server_cpu_s_per_1000 = server_cpu_s
+            .filter(|_| delivered > 0)
+            .map(|cpu| cpu * 1000.0 / delivered as f64);
     }
 
-    /// Whether the run broke a delivery guarantee.
+    /// Returns whether the run broke a delivery guarantee.
     pub fn failed(&self) -> bool {
         self.accounting.as_ref().is_some_and(Accounting::failed)
     }
 
-    /// The human-readable table.
+    /// Formats the human-readable table.
     pub fn table(&self) -> String {
         let mut rows: Vec<(String, String)> = Vec::new();
         let mut row = |name: &str, value: String| rows.push((name.to_owned(), value));
@@ -432,33 +438,64 @@ impl Report {
         if let Some(via) = self.via {
             row("via", format!("{via:?}").to_lowercase());
         }
-        row("recipients / senders", format!("{} / {}", self.recipients, self.senders));
+        row(
+            "recipients / senders",
+            format!("{} / {}", self.recipients, self.senders),
+        );
         row("payload bytes", self.payload_bytes.to_string());
         row(
             "requested rate",
-            if self.rate == 0 { "full speed".into() } else { format!("{} msg/s", self.rate) },
+            if self.rate == 0 {
+                "full speed".into()
+            } else {
+                format!("{} msg/s", self.rate)
+            },
         );
         if let Some(accounting) = &self.accounting {
             row("accepted", accounting.accepted.to_string());
             row("delivered", accounting.delivered.to_string());
             row("lost", accounting.lost.to_string());
-            row("duplicates on one connection", accounting.duplicates_on_connection.to_string());
-            row("redeliveries after reconnect", accounting.redeliveries_after_reconnect.to_string());
-            row("duplicate payloads", accounting.duplicate_payloads.to_string());
-            row("received but never accepted", accounting.unexpected.to_string());
+            row(
+                "duplicates on one connection",
+                accounting.duplicates_on_connection.to_string(),
+            );
+            row(
+                "redeliveries after reconnect",
+                accounting.redeliveries_after_reconnect.to_string(),
+            );
+            row(
+                "duplicate payloads",
+                accounting.duplicate_payloads.to_string(),
+            );
+            row(
+                "received but never accepted",
+                accounting.unexpected.to_string(),
+            );
         }
-        row("rejected / send errors", format!("{} / {}", self.rejected, self.send_errors));
+        row(
+            "rejected / send errors",
+            format!("{} / {}", self.rejected, self.send_errors),
+        );
         row("connection errors", self.connection_errors.to_string());
         if self.scenario != Scenario::Idle {
             row("elapsed", format!("{:.2} s", self.elapsed_s));
-            row("delivered per second", format!("{:.0}", self.delivered_per_s));
+            row(
+                "delivered per second",
+                format!("{:.0}", self.delivered_per_s),
+            );
         }
         if let Some(latency) = &self.latency {
             row(
                 "latency p50 / p90 / p99",
-                format!("{} / {} / {} µs", latency.p50_us, latency.p90_us, latency.p99_us),
+                format!(
+                    "{} / {} / {} µs",
+                    latency.p50_us, latency.p90_us, latency.p99_us
+                ),
             );
-            row("latency p99.9 / max", format!("{} / {} µs", latency.p999_us, latency.max_us));
+            row(
+                "latency p99.9 / max",
+                format!("{} / {} µs", latency.p999_us, latency.max_us),
+            );
         }
         if let Some(cpu) = self.server_cpu_s {
             row("server CPU", format!("{cpu:.2} s"));
@@ -478,13 +515,17 @@ impl Report {
         for step in &self.memory_steps {
             row(
                 &format!("server RSS at {} connections", step.connections),
-                step.rss_bytes.map_or("unknown (no --server-pid)".into(), |rss| {
-                    format!("{:.1} MiB", rss as f64 / 1_048_576.0)
-                }),
+                step.rss_bytes
+                    .map_or("unknown (no --server-pid)".into(), |rss| {
+                        format!("{:.1} MiB", rss as f64 / 1_048_576.0)
+                    }),
             );
         }
         if let Some(slope) = self.rss_bytes_per_connection {
-            row("server RSS per connection", format!("{slope:.0} bytes ({:.2} KiB)", slope / 1024.0));
+            row(
+                "server RSS per connection",
+                format!("{slope:.0} bytes ({:.2} KiB)", slope / 1024.0),
+            );
         }
         if let Some(storms) = self.storms {
             row("reconnect storms", storms.to_string());
@@ -499,7 +540,11 @@ impl Report {
             row("slowest storm", format!("{slowest:.2} s"));
         }
 
-        let width = rows.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
+        let width = rows
+            .iter()
+            .map(|(name, _)| name.chars().count())
+            .max()
+            .unwrap_or(0);
         let mut table = String::new();
         for (name, value) in rows {
             let _ = writeln!(table, "{name:<width$}  {value}");
@@ -516,7 +561,12 @@ mod tests {
     #[test]
     fn accounting_finds_lost_and_duplicates() {
         let accepted = vec![message_key(0, 1), message_key(0, 2), message_key(1, 1)];
-        let received = vec![message_key(1, 1), message_key(0, 1), message_key(0, 1), message_key(2, 9)];
+        let received = vec![
+            message_key(1, 1),
+            message_key(0, 1),
+            message_key(0, 1),
+            message_key(2, 9),
+        ];
         let accounting = Accounting::compare(accepted, received);
         assert_eq!(accounting.accepted, 3);
         assert_eq!(accounting.delivered, 2);

@@ -51,13 +51,22 @@ async fn run_scenario(server: &Server, scenario: &str, extra: &[&str]) -> Report
     ];
     args.extend_from_slice(extra);
     let options = Options::try_parse_from(args).expect("valid options");
-    routing_bench::run(&options).await.expect("the scenario runs")
+    routing_bench::run(&options)
+        .await
+        .expect("the scenario runs")
 }
 
 fn assert_clean(report: &Report) {
-    let accounting = report.accounting.as_ref().expect("online reports accounting");
+    let accounting = report
+        .accounting
+        .as_ref()
+        .expect("online reports accounting");
     assert!(accounting.accepted > 0, "nothing was accepted: {report:?}");
-    assert_eq!(accounting.lost, 0, "lost messages: {:?}", accounting.lost_examples);
+    assert_eq!(
+        accounting.lost, 0,
+        "lost messages: {:?}",
+        accounting.lost_examples
+    );
     assert_eq!(accounting.delivered, accounting.accepted);
     assert_eq!(accounting.duplicates_on_connection, 0);
     assert_eq!(accounting.duplicate_payloads, 0);
@@ -96,7 +105,10 @@ async fn online_at_fixed_rate_loses_nothing() {
     assert_clean(&report);
     let accepted = report.accounting.as_ref().unwrap().accepted;
     // 300 msg/s for 1 s, with slack for a slow machine: never more than sent.
-    assert!(accepted <= 303, "the rate was not kept: {accepted} accepted");
+    assert!(
+        accepted <= 303,
+        "the rate was not kept: {accepted} accepted"
+    );
     server.stop().await.expect("clean shutdown");
 }
 
@@ -104,10 +116,22 @@ async fn online_at_fixed_rate_loses_nothing() {
 async fn backlog_drains_everything() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start_server(dir.path()).await;
-    let report = run_scenario(&server, "backlog", &["--recipients", "5", "--per-user", "20"]).await;
-    let accounting = report.accounting.as_ref().expect("backlog reports accounting");
+    let report = run_scenario(
+        &server,
+        "backlog",
+        &["--recipients", "5", "--per-user", "20"],
+    )
+    .await;
+    let accounting = report
+        .accounting
+        .as_ref()
+        .expect("backlog reports accounting");
     assert_eq!(accounting.accepted, 100);
-    assert_eq!(accounting.lost, 0, "lost messages: {:?}", accounting.lost_examples);
+    assert_eq!(
+        accounting.lost, 0,
+        "lost messages: {:?}",
+        accounting.lost_examples
+    );
     assert_eq!(accounting.duplicates_on_connection, 0);
     assert!(report.drain_s.is_some());
     assert!(!report.failed());
@@ -119,12 +143,26 @@ async fn reconnect_storms_lose_nothing() {
     let dir = tempfile::tempdir().expect("temp dir");
     let server = start_server(dir.path()).await;
     let args = [
-        "--recipients", "5", "--rate", "300", "--duration", "2s", "--interval", "500ms",
+        "--recipients",
+        "5",
+        "--rate",
+        "300",
+        "--duration",
+        "2s",
+        "--interval",
+        "500ms",
     ];
     let report = run_scenario(&server, "reconnect", &args).await;
-    let accounting = report.accounting.as_ref().expect("reconnect reports accounting");
+    let accounting = report
+        .accounting
+        .as_ref()
+        .expect("reconnect reports accounting");
     assert!(accounting.accepted > 0);
-    assert_eq!(accounting.lost, 0, "lost messages: {:?}", accounting.lost_examples);
+    assert_eq!(
+        accounting.lost, 0,
+        "lost messages: {:?}",
+        accounting.lost_examples
+    );
     assert_eq!(accounting.duplicates_on_connection, 0);
     assert!(report.storms.unwrap_or(0) >= 1, "no storm ran: {report:?}");
     assert_eq!(report.reconnects, Some(report.storms.unwrap() * 5));

@@ -16,8 +16,11 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     let progress = spawn_progress(counters.clone(), options.quiet);
     let users = Users::new();
     let probe = ServerProbe::new(options.server_pid);
-    let recipients: Arc<Vec<String>> =
-        Arc::new((0..options.recipients).map(|index| users.recipient(index)).collect());
+    let recipients: Arc<Vec<String>> = Arc::new(
+        (0..options.recipients)
+            .map(|index| users.recipient(index))
+            .collect(),
+    );
 
     let total = (options.recipients * options.per_user) as u64;
     let store_start = Instant::now();
@@ -42,10 +45,15 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     receivers.add(options, &recipients)?;
     let expected = accepted.len() as u64;
     let drained = counters
-        .wait_until(options.drain_timeout, |counters| Counters::get(&counters.delivered) >= expected)
+        .wait_until(options.drain_timeout, |counters| {
+            Counters::get(&counters.delivered) >= expected
+        })
         .await;
     if !drained {
-        eprintln!("the backlog did not drain within {:?}", options.drain_timeout);
+        eprintln!(
+            "the backlog did not drain within {:?}",
+            options.drain_timeout
+        );
     }
     let drain_elapsed = drain_start.elapsed();
     let cpu_after = probe.map(|probe| probe.cpu_seconds()).transpose()?;
@@ -57,7 +65,9 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     report.set_throughput(
         accounting.delivered,
         drain_elapsed,
-        cpu_before.zip(cpu_after).map(|(before, after)| after - before),
+        cpu_before
+            .zip(cpu_after)
+            .map(|(before, after)| after - before),
     );
     report.stored_per_s = Some(expected as f64 / store_elapsed.as_secs_f64().max(1e-9));
     report.drain_s = Some(drain_elapsed.as_secs_f64());

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::options::{Options, Target};
+use crate::options::Options;
 use crate::routing::Users;
 use crate::stats::{Counters, MemoryStep, Report, ServerProbe, spawn_progress};
 
@@ -40,7 +40,10 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
         if !options.quiet {
             eprintln!(
                 "step {step}: {connections} connections, server RSS {}",
-                rss_bytes.map_or("unknown".into(), |rss| format!("{:.1} MiB", rss as f64 / 1_048_576.0))
+                rss_bytes.map_or("unknown".into(), |rss| format!(
+                    "{:.1} MiB",
+                    rss as f64 / 1_048_576.0
+                ))
             );
         }
         steps.push(MemoryStep {
@@ -55,11 +58,6 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     report.recipients = options.steps.last().copied().unwrap_or(0);
     report.senders = 0;
     report.rss_bytes_per_connection = slope(&steps);
-    if options.target == Target::Soketi {
-        // NOTE: soketi runs on Node.js, whose RSS also moves with garbage
-        // collection, so its slope is noisier than routing-service's.
-        report.rss_bytes_per_connection = report.rss_bytes_per_connection.filter(|slope| slope.is_finite());
-    }
     report.memory_steps = steps;
     report.take_counters(&counters);
     Ok(report)
@@ -68,7 +66,10 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
 /// Bytes per connection between the first and the last step.
 fn slope(steps: &[MemoryStep]) -> Option<f64> {
     let (first, last) = (steps.first()?, steps.last()?);
-    let connections = last.connections.checked_sub(first.connections).filter(|&count| count > 0)?;
+    let connections = last
+        .connections
+        .checked_sub(first.connections)
+        .filter(|&count| count > 0)?;
     let bytes = last.rss_bytes? as f64 - first.rss_bytes? as f64;
     Some(bytes / connections as f64)
 }

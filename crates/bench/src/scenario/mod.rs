@@ -41,7 +41,7 @@ struct Receivers {
     soketi: Arc<SoketiConfig>,
 }
 
-/// What all receivers of a run saw.
+/// Messages all receivers of a run got.
 #[derive(Debug, Default)]
 struct Received {
     keys: Vec<MessageKey>,
@@ -91,7 +91,9 @@ impl Receivers {
         let expected = self.tasks.len() as u64;
         let all = self
             .counters
-            .wait_until(timeout, |counters| Counters::get(&counters.connected) >= expected)
+            .wait_until(timeout, |counters| {
+                Counters::get(&counters.connected) >= expected
+            })
             .await;
         if !all {
             anyhow::bail!(
@@ -140,15 +142,18 @@ async fn run_senders(
         drain_timeout: options.drain_timeout,
     };
     let http = routing::http_client(options.senders)?;
-    let publisher = (options.target == Target::Soketi)
-        .then(|| SoketiPublisher::new(&SoketiConfig::default()));
+    let publisher =
+        (options.target == Target::Soketi).then(|| SoketiPublisher::new(&SoketiConfig::default()));
     let mut tasks = Vec::with_capacity(options.senders);
     for index in 0..options.senders {
         let plan = plan.clone();
         let task = match (&publisher, options.via) {
-            (Some(publisher), _) => tokio::spawn(soketi_load::run_sender(publisher.clone(), index, plan)),
+            (Some(publisher), _) => {
+                tokio::spawn(soketi_load::run_sender(publisher.clone(), index, plan))
+            }
             (None, via) => {
-                let token = routing::mint_token(&options.jwt_secret, &users.sender(index), TOKEN_TTL)?;
+                let token =
+                    routing::mint_token(&options.jwt_secret, &users.sender(index), TOKEN_TTL)?;
                 match via {
                     Via::Http => tokio::spawn(routing::run_http_sender(
                         http.clone(),
@@ -176,9 +181,10 @@ async fn run_senders(
     Ok(accepted)
 }
 
-/// The time between two messages of one sender for a total `rate`; `None` for full speed.
+/// Returns the time between two messages of one sender for the total `--rate`, or `None` for full speed.
 fn sender_period(options: &Options) -> Option<Duration> {
-    (options.rate > 0).then(|| Duration::from_secs_f64(options.senders as f64 / options.rate as f64))
+    (options.rate > 0)
+        .then(|| Duration::from_secs_f64(options.senders as f64 / options.rate as f64))
 }
 
 /// Compares accepted with received messages and prints any loss loudly on stderr.
@@ -188,7 +194,10 @@ fn account(accepted: Vec<MessageKey>, received: Received) -> Accounting {
     accounting.redeliveries_after_reconnect = received.redeliveries;
     if accounting.lost > 0 {
         eprintln!();
-        eprintln!("!!! LOST {} OF {} ACCEPTED MESSAGES !!!", accounting.lost, accounting.accepted);
+        eprintln!(
+            "!!! LOST {} OF {} ACCEPTED MESSAGES !!!",
+            accounting.lost, accounting.accepted
+        );
         eprintln!(
             "!!! first lost (sender:counter): {} !!!",
             accounting.lost_examples.join(" ")

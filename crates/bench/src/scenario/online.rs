@@ -17,8 +17,11 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     let progress = spawn_progress(counters.clone(), options.quiet);
     let users = Users::new();
     let probe = ServerProbe::new(options.server_pid);
-    let recipients: Arc<Vec<String>> =
-        Arc::new((0..options.recipients).map(|index| users.recipient(index)).collect());
+    let recipients: Arc<Vec<String>> = Arc::new(
+        (0..options.recipients)
+            .map(|index| users.recipient(index))
+            .collect(),
+    );
 
     let mut receivers = Receivers::new(options, &counters);
     receivers.add(options, &recipients)?;
@@ -34,10 +37,15 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
 
     let expected = accepted.len() as u64;
     let arrived = counters
-        .wait_until(options.drain_timeout, |counters| Counters::get(&counters.delivered) >= expected)
+        .wait_until(options.drain_timeout, |counters| {
+            Counters::get(&counters.delivered) >= expected
+        })
         .await;
     if !arrived {
-        eprintln!("not every accepted message arrived within {:?}", options.drain_timeout);
+        eprintln!(
+            "not every accepted message arrived within {:?}",
+            options.drain_timeout
+        );
     }
     let elapsed = start.elapsed();
     let cpu_after = probe.map(|probe| probe.cpu_seconds()).transpose()?;
@@ -49,7 +57,9 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     report.set_throughput(
         accounting.delivered,
         elapsed,
-        cpu_before.zip(cpu_after).map(|(before, after)| after - before),
+        cpu_before
+            .zip(cpu_after)
+            .map(|(before, after)| after - before),
     );
     report.latency = Latency::from_histogram(&counters.latency.lock().expect("not poisoned"));
     report.accounting = Some(accounting);

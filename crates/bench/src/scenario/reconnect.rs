@@ -19,8 +19,11 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     let progress = spawn_progress(counters.clone(), options.quiet);
     let users = Users::new();
     let probe = ServerProbe::new(options.server_pid);
-    let recipients: Arc<Vec<String>> =
-        Arc::new((0..options.recipients).map(|index| users.recipient(index)).collect());
+    let recipients: Arc<Vec<String>> = Arc::new(
+        (0..options.recipients)
+            .map(|index| users.recipient(index))
+            .collect(),
+    );
 
     let mut receivers = Receivers::new(options, &counters);
     receivers.add(options, &recipients)?;
@@ -69,10 +72,15 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
 
     let expected = accepted.len() as u64;
     let arrived = counters
-        .wait_until(options.drain_timeout, |counters| Counters::get(&counters.delivered) >= expected)
+        .wait_until(options.drain_timeout, |counters| {
+            Counters::get(&counters.delivered) >= expected
+        })
         .await;
     if !arrived {
-        eprintln!("not every accepted message arrived within {:?}", options.drain_timeout);
+        eprintln!(
+            "not every accepted message arrived within {:?}",
+            options.drain_timeout
+        );
     }
     let elapsed = start.elapsed();
     let cpu_after = probe.map(|probe| probe.cpu_seconds()).transpose()?;
@@ -86,14 +94,19 @@ pub(super) async fn run(options: &Options) -> anyhow::Result<Report> {
     report.set_throughput(
         accounting.delivered,
         elapsed,
-        cpu_before.zip(cpu_after).map(|(before, after)| after - before),
+        cpu_before
+            .zip(cpu_after)
+            .map(|(before, after)| after - before),
     );
     report.latency = Latency::from_histogram(&counters.latency.lock().expect("not poisoned"));
     report.accounting = Some(accounting);
     report.storms = Some(storm_durations.len() as u64);
     report.reconnects = Some(reconnects);
     report.reconnects_per_s = (storm_time > 0.0).then(|| reconnects as f64 / storm_time);
-    report.slowest_storm_s = storm_durations.iter().map(Duration::as_secs_f64).reduce(f64::max);
+    report.slowest_storm_s = storm_durations
+        .iter()
+        .map(Duration::as_secs_f64)
+        .reduce(f64::max);
     report.take_counters(&counters);
     Ok(report)
 }
