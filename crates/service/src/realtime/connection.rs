@@ -164,14 +164,16 @@ impl Connection {
                 () = tokio::time::sleep_until(token_deadline) => {
                     Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"))
                 }
-                incoming = stream.next() => self.on_incoming(incoming).await,
-                () = signals.notify.notified() => self.on_signals(&registration).await,
+                // Boxed, so the rarely taken, deep paths (a send goes through the
+                // router and the store) do not grow every idle connection's task.
+                incoming = stream.next() => Box::pin(self.on_incoming(incoming)).await,
+                () = signals.notify.notified() => Box::pin(self.on_signals(&registration)).await,
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
                 _ = ping.tick() => self.on_ping_tick(ping_interval).await,
                 _ = resync.tick() => {
                     // An ack event lost on the bus leaves the window full, so
                     // the resync also rechecks what is still in flight.
-                    self.drop_deleted_in_flight().await;
+                    Box::pin(self.drop_deleted_in_flight()).await;
                     self.catching_up = true;
                     Ok(())
                 }
@@ -182,7 +184,7 @@ impl Connection {
                 }
                 result = std::future::ready(()), if wants_backlog => {
                     let () = result;
-                    self.send_backlog_page().await
+                    Box::pin(self.send_backlog_page()).await
                 }
             };
             if let Err(closing) = step {
