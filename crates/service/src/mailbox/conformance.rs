@@ -638,3 +638,41 @@ async fn close_rejects_calls(mailbox: &impl Mailbox) {
         "got {check:?}"
     );
 }
+
+/// Stores the state that [`check_state_after_reopen`] expects: m1 to m3 for
+/// bob, with seq 1 acknowledged.
+pub(crate) async fn fill_before_reopen(mailbox: &impl Mailbox) {
+    for id in ["m1", "m2", "m3"] {
+        append_new(mailbox, message("bob", "alice", id, id)).await;
+    }
+    let acked = mailbox.ack(&address("bob"), AckTarget::UpTo(1)).await;
+    assert_eq!(acked.expect("ack succeeds"), 1);
+}
+
+/// Checks that a mailbox opened again over [`fill_before_reopen`]'s state
+/// kept the messages, the count, the next seq, the ack cursor and dedupe.
+pub(crate) async fn check_state_after_reopen(mailbox: &impl Mailbox) {
+    assert_eq!(stored_seqs(mailbox, "bob").await, [2, 3]);
+    let count = mailbox.count(&address("bob")).await;
+    assert_eq!(count.expect("count succeeds"), 2);
+    assert_eq!(
+        append_new(mailbox, message("bob", "alice", "m4", "m4")).await,
+        4
+    );
+
+    let repeat = mailbox.append(message("bob", "alice", "m2", "m2")).await;
+    assert_eq!(
+        repeat.expect("append succeeds"),
+        Appended::Duplicate { seq: 2 }
+    );
+    let acked_repeat = mailbox.append(message("bob", "alice", "m1", "m1")).await;
+    assert_eq!(
+        acked_repeat.expect("append succeeds"),
+        Appended::Duplicate { seq: 1 }
+    );
+    let conflict = mailbox.append(message("bob", "alice", "m3", "other")).await;
+    assert!(
+        matches!(conflict, Err(MailboxError::Conflict { .. })),
+        "got {conflict:?}"
+    );
+}

@@ -1206,47 +1206,16 @@ mod tests {
         let dir = TempDir::new().expect("a temporary directory");
         with_timeout(async {
             let mailbox = open_in(&dir, roomy_settings());
-            for id in ["m1", "m2", "m3"] {
-                append_new(&mailbox, message("bob", "alice", id, id)).await;
-            }
+            conformance::fill_before_reopen(&mailbox).await;
             append_new(&mailbox, message("carol", "alice", "m1", "m1")).await;
-            let acked = mailbox.ack(&address("bob"), AckTarget::UpTo(1)).await;
-            assert_eq!(acked.expect("ack succeeds"), 1);
             mailbox.close().await;
             drop(mailbox);
 
             let mailbox = open_in(&dir, roomy_settings());
-            assert_eq!(stored_seqs(&mailbox, "bob").await, [2, 3]);
-            assert_eq!(
-                mailbox
-                    .count(&address("bob"))
-                    .await
-                    .expect("count succeeds"),
-                2
-            );
-            assert_eq!(
-                append_new(&mailbox, message("bob", "alice", "m4", "m4")).await,
-                4
-            );
+            conformance::check_state_after_reopen(&mailbox).await;
             assert_eq!(
                 append_new(&mailbox, message("carol", "alice", "m2", "m2")).await,
                 2
-            );
-
-            let repeat = mailbox.append(message("bob", "alice", "m2", "m2")).await;
-            assert_eq!(
-                repeat.expect("append succeeds"),
-                Appended::Duplicate { seq: 2 }
-            );
-            let acked_repeat = mailbox.append(message("bob", "alice", "m1", "m1")).await;
-            assert_eq!(
-                acked_repeat.expect("append succeeds"),
-                Appended::Duplicate { seq: 1 }
-            );
-            let conflict = mailbox.append(message("bob", "alice", "m3", "other")).await;
-            assert!(
-                matches!(conflict, Err(MailboxError::Conflict { .. })),
-                "got {conflict:?}"
             );
             mailbox.close().await;
         })

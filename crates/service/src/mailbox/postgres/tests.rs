@@ -166,37 +166,11 @@ async fn reconnect_keeps_seq_and_dedupe() {
     with_schemas(TEST_TIMEOUT, |schemas| async move {
         let schema = schemas.create_name();
         let mailbox = connect(&schema, roomy_settings()).await;
-        for id in ["m1", "m2", "m3"] {
-            append_new(&mailbox, message("bob", "alice", id, id)).await;
-        }
-        let acked = mailbox.ack(&address("bob"), AckTarget::UpTo(1)).await;
-        assert_eq!(acked.expect("ack succeeds"), 1);
+        conformance::fill_before_reopen(&mailbox).await;
         mailbox.close().await;
 
         let mailbox = connect(&schema, roomy_settings()).await;
-        assert_eq!(stored_seqs(&mailbox, "bob").await, [2, 3]);
-        let count = mailbox.count(&address("bob")).await;
-        assert_eq!(count.expect("count succeeds"), 2);
-        assert_eq!(
-            append_new(&mailbox, message("bob", "alice", "m4", "m4")).await,
-            4
-        );
-
-        let repeat = mailbox.append(message("bob", "alice", "m2", "m2")).await;
-        assert_eq!(
-            repeat.expect("append succeeds"),
-            Appended::Duplicate { seq: 2 }
-        );
-        let acked_repeat = mailbox.append(message("bob", "alice", "m1", "m1")).await;
-        assert_eq!(
-            acked_repeat.expect("append succeeds"),
-            Appended::Duplicate { seq: 1 }
-        );
-        let conflict = mailbox.append(message("bob", "alice", "m3", "other")).await;
-        assert!(
-            matches!(conflict, Err(MailboxError::Conflict { .. })),
-            "got {conflict:?}"
-        );
+        conformance::check_state_after_reopen(&mailbox).await;
         mailbox.close().await;
     })
     .await;
