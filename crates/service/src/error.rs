@@ -63,7 +63,7 @@ impl From<MailboxError> for ApiError {
                 format!("{err}; use a new messageId for new content"),
             ),
             // The router logs when the mailbox becomes unavailable and when
-            // it answers again, so this is not logged per request.
+            // it responds again, so this is not logged per request.
             MailboxError::Unavailable(_) => Self::new(
                 ErrorCode::Unavailable,
                 "the message store is unavailable; retry later",

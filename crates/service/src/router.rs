@@ -47,7 +47,7 @@ pub struct Router {
     health: BackendHealth,
 }
 
-/// Whether each backend answered its last call, so an outage and the
+/// Whether each backend succeeded on its last call, so an outage and the
 /// recovery are logged once each instead of once per call.
 #[derive(Debug)]
 struct BackendHealth {
@@ -98,7 +98,7 @@ impl BackendHealth {
         match failure {
             None => {
                 if !up.swap(true, Ordering::AcqRel) {
-                    tracing::info!(backend = name, "backend answers again");
+                    tracing::info!(backend = name, "backend responds again");
                 }
             }
             Some(error) => {
@@ -218,7 +218,7 @@ impl Router {
         Ok(accepted)
     }
 
-    /// Publishes a stored message to every instance that holds a connection
+    /// Publishes a stored message to every instance that has a connection
     /// of its recipient.
     async fn route(&self, recipient: &Address, stored: &StoredMessage) {
         let Some(instances) = self.lookup(recipient).await else {
@@ -242,7 +242,7 @@ impl Router {
         futures_util::future::join_all(publishes).await;
     }
 
-    /// Acknowledges messages of `user` and tells the user's connections.
+    /// Acknowledges messages of `user` and notifies the user's connections.
     pub async fn ack(&self, user: &Address, target: AckTarget) -> Result<u64, ApiError> {
         let up_to = match &target {
             AckTarget::UpTo(seq) => *seq,

@@ -36,9 +36,9 @@ use crate::telemetry;
 /// How often rate-limit state of idle users is dropped.
 const LIMITER_CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
 /// Connections the WebSocket port accepts beyond `websocket.max_connections`,
-/// so requests over the limit are answered 503 instead of waiting unseen.
+/// so requests over the limit get 503 instead of waiting unseen.
 const UPGRADE_SLACK_CONNECTIONS: usize = 256;
-/// The longest pause between two TTL sweeps.
+/// The maximum pause between two TTL sweeps.
 const MAX_EXPIRY_INTERVAL: Duration = Duration::from_secs(60);
 
 /// A running server.

@@ -16,8 +16,8 @@ pub mod nats;
 #[cfg(test)]
 pub(crate) mod conformance;
 
-/// The `up_to` of an [`BusEvent::Acked`] sent after an ack by message ids,
-/// which names no seq; seq 0 is never assigned, so it cannot be a real ack.
+/// The `up_to` of a [`BusEvent::Acked`] sent after an ack by message ids,
+/// which names no seq. Seq 0 is never assigned, so it cannot be a real ack.
 pub const ACKED_BY_ID: u64 = 0;
 
 /// What the bus carries to an instance.
@@ -77,6 +77,6 @@ pub trait DeliveryBus: Send + Sync + 'static {
     /// same instance replaces the first.
     async fn subscribe(&self, instance: &InstanceId) -> Result<mpsc::Receiver<BusEvent>, BusError>;
 
-    /// Checks that the backend answers, for `/readyz`.
+    /// Checks that the backend responds, for `/readyz`.
     async fn check(&self) -> Result<(), BusError>;
 }

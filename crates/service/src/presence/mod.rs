@@ -10,7 +10,7 @@ pub mod redis;
 #[cfg(test)]
 pub(crate) mod conformance;
 
-/// How long a backend may answer `lookup` from a cache. A connection
+/// How long a backend may serve `lookup` from a cache. A connection
 /// rereads the mailbox this long after it registers, so a message routed
 /// with a stale answer still reaches it.
 pub const LOOKUP_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -37,15 +37,15 @@ pub enum PresenceError {
 ///   [`LOOKUP_CACHE_TTL`] old for registrations made by other processes.
 #[async_trait]
 pub trait Presence: Send + Sync + 'static {
-    /// Records that `instance` holds one more connection of `user`.
+    /// Records that `instance` has one more connection of `user`.
     async fn register(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError>;
 
-    /// Records that `instance` holds one connection fewer of `user`.
+    /// Records that `instance` has one connection fewer of `user`.
     async fn unregister(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError>;
 
-    /// Returns every instance that holds a connection of `user`.
+    /// Returns every instance that has a connection of `user`.
     async fn lookup(&self, user: &Address) -> Result<Vec<InstanceId>, PresenceError>;
 
-    /// Checks that the backend answers, for `/readyz`.
+    /// Checks that the backend responds, for `/readyz`.
     async fn check(&self) -> Result<(), PresenceError>;
 }

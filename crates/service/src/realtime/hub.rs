@@ -53,10 +53,10 @@ struct Slot {
 /// Why a connection could not be registered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RegisterError {
-    /// The instance holds `websocket.max_connections` connections.
+    /// The instance has `websocket.max_connections` connections.
     #[error("this instance holds the maximum number of connections")]
     InstanceFull,
-    /// The user holds `websocket.max_connections_per_user` connections here.
+    /// The user has `websocket.max_connections_per_user` connections here.
     #[error("this user holds the maximum number of connections")]
     UserFull,
 }
