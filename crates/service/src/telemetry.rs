@@ -40,7 +40,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// The log filter when `RUST_LOG` is not set: the storage engine's routine
 /// lines are left out.
-const DEFAULT_LOG_FILTER: &str = "info,lsm_tree=warn,fjall=warn";
+const DEFAULT_LOG_FILTER: &str = "info";
 
 /// Installs the global `tracing` subscriber; the level comes from `RUST_LOG`.
 pub fn init_logging(format: LogFormat) {

@@ -1,7 +1,7 @@
 //! The mailbox: a durable, per-recipient, append-only log keyed by `seq`.
 //! It is the truth of the service; presence and the delivery bus are hints.
 //!
-//! Backends: [`embedded::EmbeddedMailbox`] (fjall, in `data_dir`) and
+//! Backends: [`embedded::EmbeddedMailbox`] (an append-only log in `data_dir`) and
 //! [`postgres::PostgresMailbox`] (PostgreSQL, shared by a cluster).
 
 use std::sync::Arc;
