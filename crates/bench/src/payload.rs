@@ -36,14 +36,27 @@ pub fn split_key(key: MessageKey) -> (u32, u64) {
 
 /// Nanoseconds since the first call in this process, from a monotonic clock.
 pub fn now_ns() -> u64 {
-    static ORIGIN: OnceLock<Instant> = OnceLock::new();
-    ORIGIN.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    ns_at(Instant::now())
 }
 
-/// Encodes a payload of `size` bytes as standard base64, stamped with the current time.
-pub fn encode(sender: u32, counter: u64, size: usize, buffer: &mut Vec<u8>) -> String {
+/// Converts an instant to nanoseconds on the [`now_ns`] clock (0 before its origin).
+pub fn ns_at(instant: Instant) -> u64 {
+    static ORIGIN: OnceLock<Instant> = OnceLock::new();
+    let origin = *ORIGIN.get_or_init(Instant::now);
+    instant.saturating_duration_since(origin).as_nanos() as u64
+}
+
+/// Encodes a payload of `size` bytes as standard base64, stamped with
+/// `sent_ns` (from [`now_ns`] or [`ns_at`]).
+pub fn encode(
+    sender: u32,
+    counter: u64,
+    size: usize,
+    sent_ns: u64,
+    buffer: &mut Vec<u8>,
+) -> String {
     buffer.clear();
-    buffer.extend_from_slice(&now_ns().to_le_bytes());
+    buffer.extend_from_slice(&sent_ns.to_le_bytes());
     buffer.extend_from_slice(&sender.to_le_bytes());
     buffer.extend_from_slice(&counter.to_le_bytes());
     buffer.resize(size.max(HEADER_BYTES), 0);
@@ -85,11 +98,18 @@ mod tests {
     #[test]
     fn payload_round_trips() {
         let mut buffer = Vec::new();
-        let encoded = encode(7, 123_456, 64, &mut buffer);
+        let encoded = encode(7, 123_456, 64, 987_654_321, &mut buffer);
         assert_eq!(STANDARD.decode(&encoded).unwrap().len(), 64);
         let stamp = decode(&encoded).expect("decodes");
         assert_eq!(split_key(stamp.key), (7, 123_456));
-        assert!(stamp.sent_ns <= now_ns());
+        assert_eq!(stamp.sent_ns, 987_654_321);
+    }
+
+    #[test]
+    fn ns_at_follows_now_ns() {
+        let before = now_ns();
+        let later = Instant::now() + std::time::Duration::from_millis(5);
+        assert!(ns_at(later) >= before + 5_000_000);
     }
 
     #[test]

@@ -432,28 +432,36 @@ pub(crate) struct Schedule<'a> {
 }
 
 impl Schedule<'_> {
-    /// Waits until message `counter` is due and returns its recipient; `None` when done.
+    /// Waits until message `counter` is due and returns its recipient and
+    /// its send time for the payload; `None` when done.
     ///
-    /// NOTE: a sender that falls behind its pace sends at once, and the payload
-    /// carries the actual send time, not the due time, so latency under
-    /// overload leaves out the time a message waited to be sent.
-    pub(crate) async fn next(&self, counter: u64) -> Option<&str> {
+    /// At a fixed rate the send time is the time the message was due, not
+    /// the time it went out. A sender that falls behind its pace (because
+    /// the server answers slowly) therefore counts the wait in the latency,
+    /// as a client at that rate would see it.
+    pub(crate) async fn next(&self, counter: u64) -> Option<(&str, u64)> {
         let recipients = &self.plan.recipients;
         match &self.plan.workload {
             Workload::Timed { deadline, period } => {
+                let mut sent_ns = None;
                 if let Some(period) = period {
                     let due = self.start + period.mul_f64(counter as f64);
                     tokio::time::sleep_until(due.into()).await;
+                    sent_ns = Some(payload::ns_at(due));
                 }
                 if Instant::now() >= *deadline {
                     return None;
                 }
                 let global = counter as usize * self.plan.senders + self.index;
-                Some(&recipients[global % recipients.len()])
+                let sent_ns = sent_ns.unwrap_or_else(payload::now_ns);
+                Some((&recipients[global % recipients.len()], sent_ns))
             }
             Workload::Fixed { next, total } => {
                 let item = next.fetch_add(1, Ordering::Relaxed);
-                (item < *total).then(|| recipients[item as usize % recipients.len()].as_str())
+                (item < *total).then(|| {
+                    let recipient = recipients[item as usize % recipients.len()].as_str();
+                    (recipient, payload::now_ns())
+                })
             }
         }
     }
@@ -498,8 +506,14 @@ pub async fn run_http_sender(
     let mut counter = 0u64;
 
     // Bounded by the workload: a deadline or a fixed count.
-    while let Some(recipient) = schedule.next(counter).await {
-        let data = payload::encode(index as u32, counter, plan.payload_bytes, &mut buffer);
+    while let Some((recipient, sent_ns)) = schedule.next(counter).await {
+        let data = payload::encode(
+            index as u32,
+            counter,
+            plan.payload_bytes,
+            sent_ns,
+            &mut buffer,
+        );
         let body = envelope_json(recipient, index, counter, &data);
         let response = client
             .post(&url)
@@ -603,7 +617,7 @@ pub async fn run_ws_sender(
     let mut counter = 0u64;
     let mut unflushed = 0;
     // Bounded by the workload: a deadline or a fixed count.
-    while let Some(recipient) = schedule.next(counter).await {
+    while let Some((recipient, sent_ns)) = schedule.next(counter).await {
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
             Err(_) => {
@@ -626,7 +640,13 @@ pub async fn run_ws_sender(
             }
         };
         permit.forget();
-        let data = payload::encode(index as u32, counter, plan.payload_bytes, &mut buffer);
+        let data = payload::encode(
+            index as u32,
+            counter,
+            plan.payload_bytes,
+            sent_ns,
+            &mut buffer,
+        );
         let frame = format!(
             r#"{{"type":"send","envelope":{}}}"#,
             envelope_json(recipient, index, counter, &data)

@@ -104,8 +104,14 @@ pub async fn run_sender(
     let mut accepted = Vec::new();
     let mut counter = 0u64;
     // Bounded by the workload: a deadline or a fixed count.
-    while let Some(recipient) = schedule.next(counter).await {
-        let data = payload::encode(index as u32, counter, plan.payload_bytes, &mut buffer);
+    while let Some((recipient, sent_ns)) = schedule.next(counter).await {
+        let data = payload::encode(
+            index as u32,
+            counter,
+            plan.payload_bytes,
+            sent_ns,
+            &mut buffer,
+        );
         match publisher.publish(recipient, &data).await {
             Ok(()) => {
                 accepted.push(message_key(index as u32, counter));
