@@ -21,10 +21,9 @@
 //! older segments. Startup replays the newest base segment and the segments
 //! after it. See `log.rs` for the file format.
 //!
-//! NOTE: the index keeps about 200 bytes (estimated from struct sizes) plus
-//! the sender and message id per stored message in memory, so memory grows
-//! with the stored messages of all recipients (`limits.max_stored_per_user`
-//! bounds each recipient).
+//! NOTE: the index keeps about 250 bytes (estimated from struct sizes) per
+//! message that is stored or was accepted within `limits.dedupe_window`, so
+//! memory grows with the message rate times that window.
 
 mod index;
 mod log;
