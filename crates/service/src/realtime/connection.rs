@@ -9,11 +9,13 @@
 //! mailbox from `sent_through` until it reaches the end.
 
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use routing_protocol::frame::{close_code, message_frame_json};
 use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
@@ -24,7 +26,7 @@ use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::mailbox::AckTarget;
 use crate::presence::LOOKUP_CACHE_TTL;
-use crate::router::{format_received_at, unix_millis};
+use crate::router::{Accepted, format_received_at, unix_millis};
 use crate::telemetry;
 
 /// The latest token-expiry deadline a connection sets; a later `exp` is
@@ -40,6 +42,9 @@ const BACKLOG_PAGE: usize = 256;
 const MAX_BAD_FRAMES: u32 = 3;
 /// Consecutive rate-limited sends before the server closes with 4029.
 const MAX_RATE_LIMITED: u32 = 20;
+/// `send` frames of one connection that may wait for the store at once.
+/// While this many wait, the connection reads no more frames.
+const MAX_PENDING_SENDS: usize = 64;
 /// How long the server waits to deliver its close frame. A slow consumer's
 /// close frame waits behind the frames already queued, so this is generous.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -67,10 +72,22 @@ impl Closing {
     }
 }
 
+/// A `send` on its way through the router; its result becomes a `sent` or error frame.
+type PendingSend = Pin<Box<dyn Future<Output = Result<Accepted, ApiError>> + Send>>;
+
+/// Sends that wait for the store, replied to in the order they arrived.
+struct PendingSends {
+    results: FuturesOrdered<PendingSend>,
+    /// The message id and canonical recipient of each send, in `results` order.
+    sends: VecDeque<(Option<String>, Option<Address>)>,
+}
+
 struct Connection {
     state: RealtimeState,
     user: Address,
     sink: SplitSink<WebSocket, Message>,
+    /// Created at the first `send`, so idle connections do not carry it.
+    pending_sends: Option<Box<PendingSends>>,
     /// Seqs written and not yet acknowledged, oldest first.
     in_flight: VecDeque<u64>,
     sent_through: u64,
@@ -105,6 +122,7 @@ pub async fn run(
         state: state.clone(),
         user: user.clone(),
         sink,
+        pending_sends: None,
         in_flight: VecDeque::new(),
         sent_through: 0,
         catching_up: true,
@@ -158,6 +176,7 @@ impl Connection {
 
         loop {
             let wants_backlog = self.catching_up && self.window_room() > 0;
+            let pending = self.pending_send_count();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
@@ -166,7 +185,12 @@ impl Connection {
                 }
                 // Boxed, so the rarely taken, deep paths (a send goes through the
                 // router and the store) do not grow every idle connection's task.
-                incoming = stream.next() => Box::pin(self.on_incoming(incoming)).await,
+                incoming = stream.next(), if pending < MAX_PENDING_SENDS => {
+                    Box::pin(self.on_incoming(incoming)).await
+                }
+                Some(result) = next_send_result(&mut self.pending_sends), if pending > 0 => {
+                    Box::pin(self.reply_to_send(result)).await
+                }
                 () = signals.notify.notified() => Box::pin(self.on_signals(&registration)).await,
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
                 _ = ping.tick() => self.on_ping_tick(ping_interval).await,
@@ -400,9 +424,63 @@ impl Connection {
         }
     }
 
+    fn pending_send_count(&self) -> usize {
+        self.pending_sends
+            .as_ref()
+            .map_or(0, |pending| pending.sends.len())
+    }
+
+    /// Starts a send through the router without waiting for the store, so
+    /// the connection reads its next frame meanwhile. Sends to one
+    /// recipient still go to the store one at a time, in the order they
+    /// arrived, because a send to a recipient with a send pending first
+    /// waits for the pending ones.
     async fn on_send(&mut self, envelope: routing_protocol::WireEnvelope) -> Result<(), Closing> {
         let message_id = envelope.message_id.clone();
-        match self.state.app.router.accept(&self.user, envelope).await {
+        let recipient = envelope
+            .recipient_id
+            .as_deref()
+            .and_then(|text| Address::parse(text).ok());
+        while self.has_pending_send_to(recipient.as_ref()) {
+            let Some(result) = next_send_result(&mut self.pending_sends).await else {
+                break;
+            };
+            self.reply_to_send(result).await?;
+        }
+
+        let router = std::sync::Arc::clone(&self.state.app.router);
+        let user = self.user.clone();
+        let pending = self.pending_sends.get_or_insert_with(|| {
+            Box::new(PendingSends {
+                results: FuturesOrdered::new(),
+                sends: VecDeque::new(),
+            })
+        });
+        pending.results.push_back(Box::pin(
+            async move { router.accept(&user, envelope).await },
+        ));
+        pending.sends.push_back((message_id, recipient));
+        Ok(())
+    }
+
+    fn has_pending_send_to(&self, recipient: Option<&Address>) -> bool {
+        let (Some(recipient), Some(pending)) = (recipient, &self.pending_sends) else {
+            return false;
+        };
+        pending
+            .sends
+            .iter()
+            .any(|(_, other)| other.as_ref() == Some(recipient))
+    }
+
+    /// Writes the `sent` or error frame for the oldest pending send.
+    async fn reply_to_send(&mut self, result: Result<Accepted, ApiError>) -> Result<(), Closing> {
+        let message_id = self
+            .pending_sends
+            .as_mut()
+            .and_then(|pending| pending.sends.pop_front())
+            .and_then(|(message_id, _)| message_id);
+        match result {
             Ok(accepted) => {
                 self.rate_limited = 0;
                 self.write_frame(&ServerFrame::Sent {
@@ -420,6 +498,14 @@ impl Connection {
                 Ok(())
             }
         }
+    }
+
+    /// Waits for the pending sends and writes their replies, before a close frame.
+    async fn reply_to_pending_sends(&mut self) -> Result<(), Closing> {
+        while let Some(result) = next_send_result(&mut self.pending_sends).await {
+            self.reply_to_send(result).await?;
+        }
+        Ok(())
     }
 
     async fn write_error(
@@ -468,6 +554,12 @@ impl Connection {
         if closing.code == 0 {
             return;
         }
+        // A send that reached the store gets its reply before the close frame,
+        // so a client that gets its `sent` need not retry it.
+        let answered = tokio::time::timeout(CLOSE_TIMEOUT, self.reply_to_pending_sends()).await;
+        if !matches!(answered, Ok(Ok(()))) {
+            return;
+        }
         metrics::counter!(telemetry::CONNECTIONS_CLOSED, "code" => closing.code.to_string())
             .increment(1);
         let frame = CloseFrame {
@@ -513,6 +605,13 @@ fn read_error_closing(err: axum::Error) -> Closing {
         }
         _ => Closing::gone(),
     }
+}
+
+/// Waits for the oldest pending send's result; `None` when none is pending.
+async fn next_send_result(
+    pending: &mut Option<Box<PendingSends>>,
+) -> Option<Result<Accepted, ApiError>> {
+    pending.as_mut()?.results.next().await
 }
 
 /// Sleeps until `deadline`; only polled while it is `Some`.

@@ -441,3 +441,46 @@ async fn ack_by_ids_opens_the_window() {
     assert_eq!(next_message(&mut bob).await.0, 4);
     app.stop().await;
 }
+
+/// Sends written back to back, without waiting for `sent`, are answered in
+/// the order they were written and stored in that order per recipient.
+#[tokio::test]
+async fn websocket_sends_without_waiting_keep_order() {
+    const SENDS: usize = 150;
+    let app = TestApp::spawn().await;
+    let mut alice = connect(&app.client("alice")).await;
+    for index in 0..SENDS {
+        // Every third send goes to carol, so sends to bob and to carol wait
+        // for the store at the same time.
+        let to = if index % 3 == 0 { "carol" } else { "bob" };
+        alice
+            .send_frame(&ClientFrame::Send {
+                envelope: envelope_with_id(to, &format!("p{index:03}"), &format!("w-{index}")),
+            })
+            .await
+            .unwrap();
+    }
+    for index in 0..SENDS {
+        assert_eq!(
+            next_event(&mut alice).await,
+            Event::Frame(ServerFrame::Sent {
+                message_id: format!("w-{index}")
+            }),
+            "answer {index} is out of order"
+        );
+    }
+
+    for (user, sends) in [("bob", SENDS - SENDS / 3), ("carol", SENDS / 3)] {
+        let mut connection = connect(&app.client(user)).await;
+        let mut payloads = Vec::new();
+        for expected_seq in 1..=sends as u64 {
+            let (seq, payload) = next_message(&mut connection).await;
+            assert_eq!(seq, expected_seq, "{user}'s seqs have a gap");
+            payloads.push(payload);
+        }
+        let mut sorted = payloads.clone();
+        sorted.sort();
+        assert_eq!(payloads, sorted, "{user}'s messages are out of send order");
+    }
+    app.stop().await;
+}
