@@ -42,9 +42,9 @@ const BACKLOG_PAGE: usize = 256;
 const MAX_BAD_FRAMES: u32 = 3;
 /// Consecutive rate-limited sends before the server closes with 4029.
 const MAX_RATE_LIMITED: u32 = 20;
-/// `send` frames of one connection that may wait for the store at once.
-/// While this many wait, the connection reads no more frames.
-const MAX_PENDING_SENDS: usize = 64;
+/// `send` and `ack` frames of one connection that may wait for the store at
+/// once. While this many wait, the connection reads no more frames.
+const MAX_PENDING_FRAMES: usize = 64;
 /// How long the server waits to deliver its close frame. A slow consumer's
 /// close frame waits behind the frames already queued, so this is generous.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -72,22 +72,40 @@ impl Closing {
     }
 }
 
-/// A `send` on its way through the router; its result becomes a `sent` or error frame.
-type PendingSend = Pin<Box<dyn Future<Output = Result<Accepted, ApiError>> + Send>>;
+/// The result of a `send` or `ack` that went through the router.
+enum FrameResult {
+    Send(Result<Accepted, ApiError>),
+    Ack(Result<u64, ApiError>),
+}
 
-/// Sends that wait for the store, replied to in the order they arrived.
-struct PendingSends {
-    results: FuturesOrdered<PendingSend>,
-    /// The message id and canonical recipient of each send, in `results` order.
-    sends: VecDeque<(Option<String>, Option<Address>)>,
+/// A `send` or `ack` on its way through the router.
+type PendingFuture = Pin<Box<dyn Future<Output = FrameResult> + Send>>;
+
+/// What the connection needs to reply to a pending frame.
+enum PendingFrame {
+    Send {
+        message_id: Option<String>,
+        /// The canonical recipient, when the envelope names a valid one.
+        recipient: Option<Address>,
+    },
+    Ack {
+        up_to_seq: u64,
+    },
+}
+
+/// Frames that wait for the store, replied to in the order they arrived.
+struct PendingFrames {
+    results: FuturesOrdered<PendingFuture>,
+    /// One entry per future in `results`, in the same order.
+    frames: VecDeque<PendingFrame>,
 }
 
 struct Connection {
     state: RealtimeState,
     user: Address,
     sink: SplitSink<WebSocket, Message>,
-    /// Created at the first `send`, so idle connections do not carry it.
-    pending_sends: Option<Box<PendingSends>>,
+    /// Created at the first `send` or `ack`, so idle connections do not carry it.
+    pending: Option<Box<PendingFrames>>,
     /// Seqs written and not yet acknowledged, oldest first.
     in_flight: VecDeque<u64>,
     sent_through: u64,
@@ -122,7 +140,7 @@ pub async fn run(
         state: state.clone(),
         user: user.clone(),
         sink,
-        pending_sends: None,
+        pending: None,
         in_flight: VecDeque::new(),
         sent_through: 0,
         catching_up: true,
@@ -176,7 +194,7 @@ impl Connection {
 
         loop {
             let wants_backlog = self.catching_up && self.window_room() > 0;
-            let pending = self.pending_send_count();
+            let pending = self.pending_count();
             let step = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
@@ -185,11 +203,11 @@ impl Connection {
                 }
                 // Boxed, so the rarely taken, deep paths (a send goes through the
                 // router and the store) do not grow every idle connection's task.
-                incoming = stream.next(), if pending < MAX_PENDING_SENDS => {
+                incoming = stream.next(), if pending < MAX_PENDING_FRAMES => {
                     Box::pin(self.on_incoming(incoming)).await
                 }
-                Some(result) = next_send_result(&mut self.pending_sends), if pending > 0 => {
-                    Box::pin(self.reply_to_send(result)).await
+                Some(result) = next_result(&mut self.pending), if pending > 0 => {
+                    Box::pin(self.reply_to_frame(result)).await
                 }
                 () = signals.notify.notified() => Box::pin(self.on_signals(&registration)).await,
                 Some(live) = registration.queue.recv() => self.on_live(live).await,
@@ -391,7 +409,10 @@ impl Connection {
         self.bad_frames = 0;
         match frame {
             ClientFrame::Ping {} => self.write_frame(&ServerFrame::Pong).await,
-            ClientFrame::Ack { up_to_seq } => self.on_ack(up_to_seq).await,
+            ClientFrame::Ack { up_to_seq } => {
+                self.on_ack(up_to_seq);
+                Ok(())
+            }
             ClientFrame::Send { envelope } => self.on_send(envelope).await,
         }
     }
@@ -408,33 +429,37 @@ impl Connection {
         Ok(())
     }
 
-    async fn on_ack(&mut self, up_to_seq: u64) -> Result<(), Closing> {
-        match self
-            .state
-            .app
-            .router
-            .ack(&self.user, AckTarget::UpTo(up_to_seq))
-            .await
-        {
-            Ok(_) => {
-                self.apply_ack(up_to_seq);
-                Ok(())
-            }
-            Err(error) => self.write_error(error, None).await,
-        }
+    /// Starts an ack through the router; the window opens when it succeeds.
+    fn on_ack(&mut self, up_to_seq: u64) {
+        let router = std::sync::Arc::clone(&self.state.app.router);
+        let user = self.user.clone();
+        let future =
+            async move { FrameResult::Ack(router.ack(&user, AckTarget::UpTo(up_to_seq)).await) };
+        self.push_pending(Box::pin(future), PendingFrame::Ack { up_to_seq });
     }
 
-    fn pending_send_count(&self) -> usize {
-        self.pending_sends
+    fn pending_count(&self) -> usize {
+        self.pending
             .as_ref()
-            .map_or(0, |pending| pending.sends.len())
+            .map_or(0, |pending| pending.frames.len())
+    }
+
+    fn push_pending(&mut self, future: PendingFuture, frame: PendingFrame) {
+        let pending = self.pending.get_or_insert_with(|| {
+            Box::new(PendingFrames {
+                results: FuturesOrdered::new(),
+                frames: VecDeque::new(),
+            })
+        });
+        pending.results.push_back(future);
+        pending.frames.push_back(frame);
     }
 
     /// Starts a send through the router without waiting for the store, so
     /// the connection reads its next frame meanwhile. Sends to one
     /// recipient still go to the store one at a time, in the order they
     /// arrived, because a send to a recipient with a send pending first
-    /// waits for the pending ones.
+    /// waits for the pending frames before it.
     async fn on_send(&mut self, envelope: routing_protocol::WireEnvelope) -> Result<(), Closing> {
         let message_id = envelope.message_id.clone();
         let recipient = envelope
@@ -442,53 +467,59 @@ impl Connection {
             .as_deref()
             .and_then(|text| Address::parse(text).ok());
         while self.has_pending_send_to(recipient.as_ref()) {
-            let Some(result) = next_send_result(&mut self.pending_sends).await else {
+            let Some(result) = next_result(&mut self.pending).await else {
                 break;
             };
-            self.reply_to_send(result).await?;
+            self.reply_to_frame(result).await?;
         }
 
         let router = std::sync::Arc::clone(&self.state.app.router);
         let user = self.user.clone();
-        let pending = self.pending_sends.get_or_insert_with(|| {
-            Box::new(PendingSends {
-                results: FuturesOrdered::new(),
-                sends: VecDeque::new(),
-            })
-        });
-        pending.results.push_back(Box::pin(
-            async move { router.accept(&user, envelope).await },
-        ));
-        pending.sends.push_back((message_id, recipient));
+        let future = async move { FrameResult::Send(router.accept(&user, envelope).await) };
+        self.push_pending(
+            Box::pin(future),
+            PendingFrame::Send {
+                message_id,
+                recipient,
+            },
+        );
         Ok(())
     }
 
     fn has_pending_send_to(&self, recipient: Option<&Address>) -> bool {
-        let (Some(recipient), Some(pending)) = (recipient, &self.pending_sends) else {
+        let (Some(recipient), Some(pending)) = (recipient, &self.pending) else {
             return false;
         };
-        pending
-            .sends
-            .iter()
-            .any(|(_, other)| other.as_ref() == Some(recipient))
+        pending.frames.iter().any(|frame| {
+            matches!(frame, PendingFrame::Send { recipient: Some(other), .. } if other == recipient)
+        })
     }
 
-    /// Writes the `sent` or error frame for the oldest pending send.
-    async fn reply_to_send(&mut self, result: Result<Accepted, ApiError>) -> Result<(), Closing> {
-        let message_id = self
-            .pending_sends
+    /// Handles the result of the oldest pending frame: opens the window
+    /// after an ack, and writes a `sent` or error frame.
+    async fn reply_to_frame(&mut self, result: FrameResult) -> Result<(), Closing> {
+        let frame = self
+            .pending
             .as_mut()
-            .and_then(|pending| pending.sends.pop_front())
-            .and_then(|(message_id, _)| message_id);
-        match result {
-            Ok(accepted) => {
+            .and_then(|pending| pending.frames.pop_front());
+        match (result, frame) {
+            (FrameResult::Ack(Ok(_)), Some(PendingFrame::Ack { up_to_seq })) => {
+                self.apply_ack(up_to_seq);
+                Ok(())
+            }
+            (FrameResult::Ack(Err(error)), _) => self.write_error(error, None).await,
+            (FrameResult::Send(Ok(accepted)), _) => {
                 self.rate_limited = 0;
                 self.write_frame(&ServerFrame::Sent {
                     message_id: accepted.message_id,
                 })
                 .await
             }
-            Err(error) => {
+            (FrameResult::Send(Err(error)), frame) => {
+                let message_id = match frame {
+                    Some(PendingFrame::Send { message_id, .. }) => message_id,
+                    _ => None,
+                };
                 let limited = error.code == ErrorCode::RateLimited;
                 self.rate_limited = if limited { self.rate_limited + 1 } else { 0 };
                 self.write_error(error, message_id).await?;
@@ -497,13 +528,14 @@ impl Connection {
                 }
                 Ok(())
             }
+            (FrameResult::Ack(Ok(_)), _) => Ok(()),
         }
     }
 
-    /// Waits for the pending sends and writes their replies, before a close frame.
-    async fn reply_to_pending_sends(&mut self) -> Result<(), Closing> {
-        while let Some(result) = next_send_result(&mut self.pending_sends).await {
-            self.reply_to_send(result).await?;
+    /// Waits for the pending frames and writes their replies, before a close frame.
+    async fn reply_to_pending_frames(&mut self) -> Result<(), Closing> {
+        while let Some(result) = next_result(&mut self.pending).await {
+            self.reply_to_frame(result).await?;
         }
         Ok(())
     }
@@ -556,7 +588,7 @@ impl Connection {
         }
         // A send that reached the store gets its reply before the close frame,
         // so a client that gets its `sent` need not retry it.
-        let answered = tokio::time::timeout(CLOSE_TIMEOUT, self.reply_to_pending_sends()).await;
+        let answered = tokio::time::timeout(CLOSE_TIMEOUT, self.reply_to_pending_frames()).await;
         if !matches!(answered, Ok(Ok(()))) {
             return;
         }
@@ -607,10 +639,8 @@ fn read_error_closing(err: axum::Error) -> Closing {
     }
 }
 
-/// Waits for the oldest pending send's result; `None` when none is pending.
-async fn next_send_result(
-    pending: &mut Option<Box<PendingSends>>,
-) -> Option<Result<Accepted, ApiError>> {
+/// Waits for the oldest pending frame's result; `None` when none is pending.
+async fn next_result(pending: &mut Option<Box<PendingFrames>>) -> Option<FrameResult> {
     pending.as_mut()?.results.next().await
 }
 
