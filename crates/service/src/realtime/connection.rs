@@ -81,7 +81,7 @@ enum FrameResult {
 /// A `send` or `ack` on its way through the router.
 type PendingFuture = Pin<Box<dyn Future<Output = FrameResult> + Send>>;
 
-/// What the connection needs to reply to a pending frame.
+/// The details of a pending frame that its reply needs.
 enum PendingFrame {
     Send {
         message_id: Option<String>,
