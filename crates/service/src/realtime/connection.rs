@@ -67,6 +67,14 @@ impl Closing {
     }
 }
 
+/// The delivery path of a message, as the `path` label of
+/// `routing_messages_delivered_total`.
+#[derive(Debug, Clone, Copy)]
+enum DeliveryPath {
+    Live,
+    Backlog,
+}
+
 /// The deadlines a connection waits for besides its socket and signals,
 /// served by one timer.
 struct Timers {
@@ -326,7 +334,7 @@ impl Connection {
                 continue;
             }
             self.write(Message::Text(message.frame)).await?;
-            self.record_sent(message.seq, message.received_at_ms, "live");
+            self.record_sent(message.seq, message.received_at_ms, DeliveryPath::Live);
             written = true;
         }
         if written {
@@ -372,18 +380,22 @@ impl Connection {
         }
         self.flush().await?;
         for message in &messages {
-            self.record_sent(message.seq, message.received_at_ms, "backlog");
+            self.record_sent(message.seq, message.received_at_ms, DeliveryPath::Backlog);
         }
         Ok(())
     }
 
-    fn record_sent(&mut self, seq: u64, received_at_ms: u64, path: &'static str) {
+    fn record_sent(&mut self, seq: u64, received_at_ms: u64, path: DeliveryPath) {
         self.sent_through = seq;
         self.in_flight.push_back(seq);
-        metrics::counter!(telemetry::MESSAGES_DELIVERED, "path" => path).increment(1);
+        let metrics = telemetry::message_metrics();
+        match path {
+            DeliveryPath::Live => metrics.delivered_live.increment(1),
+            DeliveryPath::Backlog => metrics.delivered_backlog.increment(1),
+        }
         let now = unix_millis(SystemTime::now());
         let latency = now.saturating_sub(received_at_ms) as f64 / 1000.0;
-        metrics::histogram!(telemetry::DELIVERY_LATENCY).record(latency);
+        metrics.delivery_latency.record(latency);
     }
 
     async fn on_ping_tick(&mut self, interval: Duration) -> Result<(), Closing> {
