@@ -21,7 +21,7 @@ impl FromRequestParts<AppState> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers)?.ok_or(AuthError::Missing)?;
-        Ok(Self(state.verifier.verify(token).await?))
+        Ok(Self(state.verifier.verify_cached(token).await?))
     }
 }
 
