@@ -44,6 +44,20 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Api
     Ok(Some(token.trim()))
 }
 
+/// Whether the request declares a JSON body. Extracting it reads the
+/// `Content-Type` header in place, where extracting a `HeaderMap` would copy
+/// every header.
+#[derive(Debug)]
+pub struct JsonContentType(pub Result<(), ApiError>);
+
+impl<S: Sync> FromRequestParts<S> for JsonContentType {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(require_json(&parts.headers)))
+    }
+}
+
 /// Checks that the request declares a JSON body.
 pub fn require_json(headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
     let content_type = headers
