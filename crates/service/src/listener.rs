@@ -54,11 +54,22 @@ pub struct LimitedStream {
 /// Serves `app` on every connection `listener` accepts until `shutdown` is
 /// cancelled, then finishes the requests in flight. WebSocket upgrades
 /// leave the server loop, so their tasks shut down by themselves.
-pub async fn serve(
+pub async fn serve<S>(
     mut listener: LimitedListener,
-    app: axum::Router,
+    app: S,
     shutdown: CancellationToken,
-) -> io::Result<()> {
+) -> io::Result<()>
+where
+    S: tower::Service<
+            hyper::Request<axum::body::Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     use axum::serve::Listener as _;
 
     let mut http = hyper::server::conn::http1::Builder::new();

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use metrics::Histogram;
 use routing_protocol::frame::message_frame_json;
 use routing_protocol::{Address, ErrorCode, WireEnvelope};
 
@@ -49,9 +50,11 @@ pub struct Router {
 
 /// Whether each backend succeeded on its last call, so an outage and the
 /// recovery are logged once each instead of once per call.
-#[derive(Debug)]
 struct BackendHealth {
     up: [AtomicBool; 3],
+    /// `routing_backend_call_duration_seconds` per [`Call`], resolved once
+    /// because every message makes several calls.
+    durations: [Histogram; Call::ALL.len()],
 }
 
 /// The backends the router calls, as named in logs and metric labels.
@@ -72,28 +75,70 @@ impl Backend {
     }
 }
 
+/// A backend call the router times, as the `backend` and `operation` labels.
+#[derive(Debug, Clone, Copy)]
+enum Call {
+    Append = 0,
+    Ack = 1,
+    Read = 2,
+    Lookup = 3,
+    Publish = 4,
+}
+
+impl Call {
+    /// Every call, in the order of the discriminants.
+    const ALL: [Call; 5] = [
+        Self::Append,
+        Self::Ack,
+        Self::Read,
+        Self::Lookup,
+        Self::Publish,
+    ];
+
+    fn backend(self) -> Backend {
+        match self {
+            Self::Append | Self::Ack | Self::Read => Backend::Mailbox,
+            Self::Lookup => Backend::Presence,
+            Self::Publish => Backend::Bus,
+        }
+    }
+
+    fn operation(self) -> &'static str {
+        match self {
+            Self::Append => "append",
+            Self::Ack => "ack",
+            Self::Read => "read",
+            Self::Lookup => "lookup",
+            Self::Publish => "publish",
+        }
+    }
+}
+
 impl BackendHealth {
     fn new() -> Self {
+        telemetry::install_recorder();
         Self {
             up: [
                 AtomicBool::new(true),
                 AtomicBool::new(true),
                 AtomicBool::new(true),
             ],
+            durations: Call::ALL.map(|call| {
+                metrics::histogram!(
+                    telemetry::BACKEND_CALL_DURATION,
+                    "backend" => call.backend().name(),
+                    "operation" => call.operation()
+                )
+            }),
         }
     }
 
     /// Records a call's outcome; logs when the backend's state changes.
-    fn record(
-        &self,
-        backend: Backend,
-        operation: &'static str,
-        started: Instant,
-        failure: Option<&dyn std::fmt::Display>,
-    ) {
+    fn record(&self, call: Call, started: Instant, failure: Option<&dyn std::fmt::Display>) {
+        let backend = call.backend();
         let name = backend.name();
-        metrics::histogram!(telemetry::BACKEND_CALL_DURATION, "backend" => name, "operation" => operation)
-            .record(started.elapsed().as_secs_f64());
+        let operation = call.operation();
+        self.durations[call as usize].record(started.elapsed().as_secs_f64());
         let up = &self.up[backend as usize];
         match failure {
             None => {
@@ -153,7 +198,7 @@ impl Router {
     pub async fn accept(&self, sender: &Address, wire: WireEnvelope) -> Result<Accepted, ApiError> {
         let result = self.accept_inner(sender, wire).await;
         match &result {
-            Ok(_) => metrics::counter!(telemetry::MESSAGES_ACCEPTED).increment(1),
+            Ok(_) => telemetry::message_metrics().accepted.increment(1),
             Err(err) => record_rejected(err),
         }
         result
@@ -205,14 +250,14 @@ impl Router {
             _ => None,
         };
         self.health
-            .record(Backend::Mailbox, "append", started, failure.map(|e| e as _));
+            .record(Call::Append, started, failure.map(|e| e as _));
         match appended? {
             Appended::New(stored) => {
-                metrics::counter!(telemetry::MESSAGES_STORED).increment(1);
+                telemetry::message_metrics().stored.increment(1);
                 self.route(&accepted.recipient, &stored).await;
             }
             Appended::Duplicate { .. } => {
-                metrics::counter!(telemetry::MESSAGES_DUPLICATE).increment(1);
+                telemetry::message_metrics().duplicate.increment(1);
             }
         }
         Ok(accepted)
@@ -250,14 +295,10 @@ impl Router {
         };
         let started = Instant::now();
         let deleted = self.mailbox.ack(user, target).await;
-        self.health.record(
-            Backend::Mailbox,
-            "ack",
-            started,
-            deleted.as_ref().err().map(|e| e as _),
-        );
+        self.health
+            .record(Call::Ack, started, deleted.as_ref().err().map(|e| e as _));
         let deleted = deleted?;
-        metrics::counter!(telemetry::MESSAGES_ACKNOWLEDGED).increment(deleted);
+        telemetry::message_metrics().acknowledged.increment(deleted);
 
         // An ack that deleted nothing changes no connection's window.
         if deleted > 0
@@ -284,12 +325,8 @@ impl Router {
     ) -> Result<Vec<StoredMessage>, ApiError> {
         let started = Instant::now();
         let messages = self.mailbox.read(user, after, limit).await;
-        self.health.record(
-            Backend::Mailbox,
-            "read",
-            started,
-            messages.as_ref().err().map(|e| e as _),
-        );
+        self.health
+            .record(Call::Read, started, messages.as_ref().err().map(|e| e as _));
         Ok(messages?)
     }
 
@@ -304,12 +341,8 @@ impl Router {
         let result = tokio::time::timeout(HINT_TIMEOUT, self.presence.lookup(user))
             .await
             .unwrap_or_else(|_| Err(PresenceError::Unavailable("lookup timed out".into())));
-        self.health.record(
-            Backend::Presence,
-            "lookup",
-            started,
-            result.as_ref().err().map(|e| e as _),
-        );
+        self.health
+            .record(Call::Lookup, started, result.as_ref().err().map(|e| e as _));
         result.ok()
     }
 
@@ -319,8 +352,7 @@ impl Router {
             .await
             .unwrap_or_else(|_| Err(BusError::Unavailable("publish timed out".into())));
         self.health.record(
-            Backend::Bus,
-            "publish",
+            Call::Publish,
             started,
             result.as_ref().err().map(|e| e as _),
         );
@@ -379,13 +411,13 @@ mod tests {
     fn backend_health_tracks_state_changes() {
         let health = BackendHealth::new();
         let error = "connection refused";
-        health.record(Backend::Bus, "publish", Instant::now(), Some(&error));
+        health.record(Call::Publish, Instant::now(), Some(&error));
         assert!(!health.up[Backend::Bus as usize].load(Ordering::Acquire));
         assert!(
             health.up[Backend::Mailbox as usize].load(Ordering::Acquire),
             "others stay up"
         );
-        health.record(Backend::Bus, "publish", Instant::now(), None);
+        health.record(Call::Publish, Instant::now(), None);
         assert!(health.up[Backend::Bus as usize].load(Ordering::Acquire));
     }
 

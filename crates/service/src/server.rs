@@ -274,11 +274,22 @@ async fn bind(config: &Config, port: u16, role: &'static str) -> anyhow::Result<
     Ok(listener)
 }
 
-async fn serve_http(
+async fn serve_http<S>(
     listener: LimitedListener,
-    app: axum::Router,
+    app: S,
     shutdown: CancellationToken,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    S: tower::Service<
+            axum::http::Request<axum::body::Body>,
+            Response = axum::response::Response,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
     crate::listener::serve(listener, app, shutdown).await
 }
 

@@ -3,6 +3,7 @@
 
 use std::sync::OnceLock;
 
+use metrics::{Counter, Histogram};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 use crate::config::LogFormat;
@@ -77,6 +78,50 @@ pub fn metrics_handle() -> PrometheusHandle {
             handle
         })
         .clone()
+}
+
+/// Handles of the metrics recorded for every message. Each `counter!` or
+/// `histogram!` call looks its series up by name and labels, so the paths
+/// that run per message use these handles, resolved once.
+pub struct MessageMetrics {
+    /// [`MESSAGES_ACCEPTED`].
+    pub accepted: Counter,
+    /// [`MESSAGES_STORED`].
+    pub stored: Counter,
+    /// [`MESSAGES_DUPLICATE`].
+    pub duplicate: Counter,
+    /// [`MESSAGES_ACKNOWLEDGED`].
+    pub acknowledged: Counter,
+    /// [`MESSAGES_DELIVERED`] with `path` = `live`.
+    pub delivered_live: Counter,
+    /// [`MESSAGES_DELIVERED`] with `path` = `backlog`.
+    pub delivered_backlog: Counter,
+    /// [`DELIVERY_LATENCY`].
+    pub delivery_latency: Histogram,
+}
+
+/// Returns the per-message metric handles. The first call installs the
+/// recorder, because a handle resolved before that would record nothing.
+pub fn message_metrics() -> &'static MessageMetrics {
+    static METRICS: OnceLock<MessageMetrics> = OnceLock::new();
+    METRICS.get_or_init(|| {
+        install_recorder();
+        MessageMetrics {
+            accepted: metrics::counter!(MESSAGES_ACCEPTED),
+            stored: metrics::counter!(MESSAGES_STORED),
+            duplicate: metrics::counter!(MESSAGES_DUPLICATE),
+            acknowledged: metrics::counter!(MESSAGES_ACKNOWLEDGED),
+            delivered_live: metrics::counter!(MESSAGES_DELIVERED, "path" => "live"),
+            delivered_backlog: metrics::counter!(MESSAGES_DELIVERED, "path" => "backlog"),
+            delivery_latency: metrics::histogram!(DELIVERY_LATENCY),
+        }
+    })
+}
+
+/// Installs the Prometheus recorder if this process has none yet, so that
+/// metric handles resolved afterwards record into it.
+pub fn install_recorder() {
+    let _ = metrics_handle();
 }
 
 /// Creates the unlabelled series at zero, so dashboards see them before

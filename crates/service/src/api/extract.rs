@@ -21,7 +21,7 @@ impl FromRequestParts<AppState> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer_token(&parts.headers)?.ok_or(AuthError::Missing)?;
-        Ok(Self(state.verifier.verify(token).await?))
+        Ok(Self(state.verifier.verify_cached(token).await?))
     }
 }
 
@@ -42,6 +42,20 @@ pub fn bearer_token(headers: &axum::http::HeaderMap) -> Result<Option<&str>, Api
         return Err(invalid());
     }
     Ok(Some(token.trim()))
+}
+
+/// Whether the request declares a JSON body. Extracting it reads the
+/// `Content-Type` header in place, where extracting a `HeaderMap` would copy
+/// every header.
+#[derive(Debug)]
+pub struct JsonContentType(pub Result<(), ApiError>);
+
+impl<S: Sync> FromRequestParts<S> for JsonContentType {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(require_json(&parts.headers)))
+    }
 }
 
 /// Checks that the request declares a JSON body.

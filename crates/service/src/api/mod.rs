@@ -4,15 +4,15 @@
 use std::sync::Arc;
 
 use axum::Router as HttpRouter;
-use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
-use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::extract::DefaultBodyLimit;
+use axum::handler::Handler as _;
+use axum::http::{HeaderName, Method, StatusCode, header};
 use axum::routing::{get, post};
 use metrics_exporter_prometheus::PrometheusHandle;
 use routing_protocol::ErrorCode;
-use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::timeout::TimeoutLayer;
+use tower::ServiceBuilder;
+use tower_http::cors::{AllowOrigin, Cors, CorsLayer};
+use tower_http::timeout::{Timeout, TimeoutLayer};
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -22,7 +22,10 @@ use crate::router::Router;
 mod extract;
 mod health;
 pub mod messages;
+mod origin;
 mod send;
+
+pub use origin::{OriginCheck, OriginCheckLayer};
 
 pub use extract::{AuthUser, bearer_token, json_error};
 pub use health::routes as health_routes;
@@ -80,16 +83,14 @@ impl OriginPolicy {
         }
     }
 
-    fn cors_layer(&self) -> CorsLayer {
+    fn cors_layer(self: &Arc<Self>) -> CorsLayer {
         let origins = if self.any {
             AllowOrigin::any()
         } else {
-            let values = self
-                .allowed
-                .iter()
-                .filter_map(|origin| HeaderValue::from_str(origin).ok())
-                .collect::<Vec<_>>();
-            AllowOrigin::list(values)
+            // A predicate over the shared policy, not a copied list, because
+            // the CORS service is cloned for every request.
+            let policy = self.clone();
+            AllowOrigin::predicate(move |origin, _| policy.allows(origin.as_bytes()))
         };
         CorsLayer::new()
             .allow_origin(origins)
@@ -100,33 +101,38 @@ impl OriginPolicy {
     }
 }
 
-/// Builds the HTTP API router.
-pub fn router(state: AppState) -> HttpRouter {
+/// The HTTP API service: the Origin check, CORS and the request timeout
+/// around the router.
+pub type ApiService = OriginCheck<Cors<Timeout<HttpRouter>>>;
+
+/// Builds the HTTP API service.
+///
+/// The middleware wraps the finished router once. Added with
+/// `Router::layer`, each layer would wrap every route in another boxed
+/// service, and each of those is cloned for every request.
+pub fn router(state: AppState) -> ApiService {
+    let origin_check = OriginCheckLayer::new(state.origins.clone());
     let cors = state.origins.cors_layer();
+    let timeout = TimeoutLayer::with_status_code(
+        StatusCode::REQUEST_TIMEOUT,
+        state.config.limits.request_timeout,
+    );
     // One byte above the limit, so an oversized body is seen and answered 413.
     let send_limit = DefaultBodyLimit::max(state.config.limits.max_envelope_bytes + 1);
     let ack_limit = DefaultBodyLimit::max(messages::MAX_ACK_BODY_BYTES);
-    HttpRouter::new()
-        .route("/send", post(send::send).layer(send_limit))
+    let router = HttpRouter::new()
+        .route("/send", post(send::send.layer(send_limit)))
         .route("/messages", get(messages::list))
-        .route("/messages/ack", post(messages::ack).layer(ack_limit))
+        .route("/messages/ack", post(messages::ack.layer(ack_limit)))
         .merge(health::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(TimeoutLayer::with_status_code(
-            StatusCode::REQUEST_TIMEOUT,
-            state.config.limits.request_timeout,
-        ))
+        .with_state(state);
+    ServiceBuilder::new()
+        .layer(origin_check)
         .layer(cors)
-        .layer(middleware::from_fn_with_state(state.clone(), check_origin))
-        .with_state(state)
-}
-
-async fn check_origin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    match state.origins.check(request.headers()) {
-        Ok(()) => next.run(request).await,
-        Err(err) => err.into_response(),
-    }
+        .layer(timeout)
+        .service(router)
 }
 
 /// Answers unknown paths with the contract's JSON 404.

@@ -3,12 +3,12 @@
 use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use bytes::Bytes;
 use routing_protocol::{ErrorCode, SendResponse, WireEnvelope};
 
 use super::AppState;
-use super::extract::{AuthUser, body_error, parse_json, require_json};
+use super::extract::{AuthUser, JsonContentType, body_error, parse_json};
 use crate::error::ApiError;
 use crate::router::record_rejected;
 
@@ -16,10 +16,10 @@ use crate::router::record_rejected;
 pub async fn send(
     State(state): State<AppState>,
     auth: Result<AuthUser, ApiError>,
-    headers: HeaderMap,
+    JsonContentType(content_type): JsonContentType,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<SendResponse>), ApiError> {
-    let (AuthUser(identity), wire) = match read_request(&state, auth, &headers, body) {
+    let (AuthUser(identity), wire) = match read_request(&state, auth, content_type, body) {
         Ok(request) => request,
         Err(err) => {
             // Rejections before the router are counted here; the router
@@ -39,11 +39,11 @@ pub async fn send(
 fn read_request(
     state: &AppState,
     auth: Result<AuthUser, ApiError>,
-    headers: &HeaderMap,
+    content_type: Result<(), ApiError>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(AuthUser, WireEnvelope), ApiError> {
     let user = auth?;
-    require_json(headers)?;
+    content_type?;
     let limit = state.config.limits.max_envelope_bytes;
     let body = body.map_err(|rejection| body_error(rejection, limit))?;
     if body.len() > limit {

@@ -8,6 +8,7 @@
 //! required; `nbf`, `iat`, `iss` and `aud` are checked when present or
 //! configured.
 
+mod cache;
 mod jwks;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -18,6 +19,7 @@ use routing_protocol::Address;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{Algorithm, Config};
+use cache::TokenCache;
 use jwks::JwksCache;
 pub use jwks::JwksOptions;
 
@@ -89,6 +91,8 @@ pub struct Verifier {
     /// One validation per accepted algorithm, each accepting only it.
     validations: Vec<(jsonwebtoken::Algorithm, Validation)>,
     leeway: u64,
+    /// Verified HS256 tokens, for [`Verifier::verify_cached`].
+    hs256_cache: TokenCache,
 }
 
 impl std::fmt::Debug for Verifier {
@@ -160,11 +164,38 @@ impl Verifier {
             jwks,
             validations,
             leeway: auth.leeway_seconds,
+            hs256_cache: TokenCache::new(cache::MAX_ENTRIES, cache::MAX_ENTRY_AGE),
         })
     }
 
     /// Verifies a token and returns the caller it names.
     pub async fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        self.verify_uncached(token)
+            .await
+            .map(|(identity, _)| identity)
+    }
+
+    /// Verifies a token like [`Verifier::verify`], but first looks it up
+    /// among recently verified HS256 tokens and caches it when it is one.
+    /// HTTP requests use this: a keep-alive client repeats its token on every
+    /// request, while a WebSocket presents it once per connection.
+    pub async fn verify_cached(&self, token: &str) -> Result<Identity, AuthError> {
+        if let Some(identity) = self.hs256_cache.get(token, unix_now()) {
+            return Ok(identity);
+        }
+        let (identity, algorithm) = self.verify_uncached(token).await?;
+        if algorithm == jsonwebtoken::Algorithm::HS256 {
+            let accepted_until = identity.expires_at.saturating_add(self.leeway);
+            self.hs256_cache.insert(token, &identity, accepted_until);
+        }
+        Ok(identity)
+    }
+
+    /// Verifies a token and returns the caller and the token's algorithm.
+    async fn verify_uncached(
+        &self,
+        token: &str,
+    ) -> Result<(Identity, jsonwebtoken::Algorithm), AuthError> {
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -190,7 +221,7 @@ impl Verifier {
             let key = self.jwks_key(header.alg, header.kid.as_deref()).await?;
             decode_claims(token, &key.key, validation)?
         };
-        self.identity(claims)
+        Ok((self.identity(claims)?, header.alg))
     }
 
     /// The clock leeway on `exp`, in seconds.

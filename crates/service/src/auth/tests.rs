@@ -57,6 +57,61 @@ async fn hs256_valid_token_is_accepted() {
 }
 
 #[tokio::test]
+async fn hs256_token_is_cached_after_verification() {
+    let verifier = verifier(&config()).await;
+    let token = sign(&claims_for("alice"), SECRET);
+
+    let first = verifier.verify_cached(&token).await.expect("accepted");
+    assert_eq!(verifier.hs256_cache.len(), 1);
+    let second = verifier
+        .verify_cached(&token)
+        .await
+        .expect("accepted from the cache");
+    assert_eq!(first, second);
+}
+
+#[tokio::test]
+async fn uncached_verify_leaves_cache_empty() {
+    let verifier = verifier(&config()).await;
+    let token = sign(&claims_for("alice"), SECRET);
+    verifier.verify(&token).await.expect("accepted");
+    assert_eq!(verifier.hs256_cache.len(), 0);
+}
+
+#[tokio::test]
+async fn rejected_token_is_not_cached() {
+    let verifier = verifier(&config()).await;
+    let token = sign(&claims_for("alice"), "another-secret-of-at-least-32-bytes");
+    assert!(verifier.verify_cached(&token).await.is_err());
+    assert_eq!(verifier.hs256_cache.len(), 0);
+    assert!(
+        verifier.verify_cached(&token).await.is_err(),
+        "still rejected"
+    );
+}
+
+#[tokio::test]
+async fn cached_token_expires_with_exp_and_leeway() {
+    let mut config = config();
+    config.auth.leeway_seconds = 1;
+    let verifier = verifier(&config).await;
+    let exp = unix_now();
+    let token = sign(&json!({"sub": "alice", "exp": exp}), SECRET);
+    verifier
+        .verify_cached(&token)
+        .await
+        .expect("accepted within the leeway");
+
+    while unix_now() <= exp + 1 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        verifier.verify_cached(&token).await,
+        Err(AuthError::Expired)
+    );
+}
+
+#[tokio::test]
 async fn minted_token_is_accepted() {
     let verifier = verifier(&config()).await;
     let token = mint_hs256(SECRET, "bob", Duration::from_secs(60)).expect("mints");

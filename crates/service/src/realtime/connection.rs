@@ -21,7 +21,7 @@ use routing_protocol::frame::{close_code, message_frame_json};
 use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
 
 use super::RealtimeState;
-use super::hub::{LiveMessage, Registration};
+use super::hub::{LiveMessage, Registration, Signals};
 use crate::auth::Identity;
 use crate::error::ApiError;
 use crate::mailbox::AckTarget;
@@ -100,6 +100,56 @@ struct PendingFrames {
     frames: VecDeque<PendingFrame>,
 }
 
+/// The delivery path of a message, as the `path` label of
+/// `routing_messages_delivered_total`.
+#[derive(Debug, Clone, Copy)]
+enum DeliveryPath {
+    Live,
+    Backlog,
+}
+
+/// The deadlines a connection waits for besides its socket and signals,
+/// served by one timer.
+struct Timers {
+    /// When the token's `exp` passes.
+    token_deadline: tokio::time::Instant,
+    next_ping: tokio::time::Instant,
+    ping_interval: Duration,
+    next_resync: tokio::time::Instant,
+    resync_interval: Duration,
+}
+
+impl Timers {
+    fn new(
+        token_deadline: tokio::time::Instant,
+        ping_interval: Duration,
+        resync_interval: Duration,
+    ) -> Self {
+        let now = tokio::time::Instant::now();
+        Self {
+            token_deadline,
+            next_ping: now + ping_interval,
+            ping_interval,
+            // The first resync catches messages routed with a cached
+            // presence answer from before this connection registered.
+            next_resync: now + LOOKUP_CACHE_TTL + RESYNC_MARGIN,
+            resync_interval,
+        }
+    }
+
+    /// Returns the earliest deadline, counting a pending backlog retry.
+    fn next_deadline(
+        &self,
+        backlog_retry_at: Option<tokio::time::Instant>,
+    ) -> tokio::time::Instant {
+        let earliest = self
+            .token_deadline
+            .min(self.next_ping)
+            .min(self.next_resync);
+        backlog_retry_at.map_or(earliest, |retry_at| earliest.min(retry_at))
+    }
+}
+
 struct Connection {
     state: RealtimeState,
     user: Address,
@@ -165,7 +215,7 @@ impl Connection {
     async fn serve(
         &mut self,
         stream: &mut SplitStream<WebSocket>,
-        mut registration: Registration,
+        registration: Registration,
         identity: &Identity,
         connection_id: &str,
     ) -> Closing {
@@ -179,28 +229,27 @@ impl Connection {
 
         // The leeway applies when a token is checked, not here: the contract
         // closes the connection when `exp` passes on this server's clock.
-        let token_deadline = deadline_at(identity.expires_at);
-        let ping_interval = self.state.app.config.websocket.ping_interval;
-        let mut ping =
-            tokio::time::interval_at(tokio::time::Instant::now() + ping_interval, ping_interval);
+        let mut timers = Timers::new(
+            deadline_at(identity.expires_at),
+            self.state.app.config.websocket.ping_interval,
+            self.state.app.config.websocket.resync_interval,
+        );
+        // One timer and one shutdown waiter stay registered across the loop,
+        // so a delivered message does not register and remove them again.
+        let timer = tokio::time::sleep_until(timers.next_deadline(None));
         let shutdown = self.state.shutdown.clone();
+        let cancelled = shutdown.cancelled();
         let signals = registration.signals.clone();
-        // The first resync catches messages routed with a cached presence
-        // answer from before this connection registered.
-        let resync_interval = self.state.app.config.websocket.resync_interval;
-        let first_resync = LOOKUP_CACHE_TTL + RESYNC_MARGIN;
-        let mut resync =
-            tokio::time::interval_at(tokio::time::Instant::now() + first_resync, resync_interval);
+        let notified = signals.notify.notified();
+        tokio::pin!(timer, cancelled, notified);
 
         loop {
             let wants_backlog = self.catching_up && self.window_room() > 0;
             let pending = self.pending_count();
             let step = tokio::select! {
                 biased;
-                () = shutdown.cancelled() => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
-                () = tokio::time::sleep_until(token_deadline) => {
-                    Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"))
-                }
+                () = &mut cancelled => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
+                () = &mut timer => Box::pin(self.on_timer(&mut timers)).await,
                 // Boxed, so the rarely taken, deep paths (a send goes through the
                 // router and the store) do not grow every idle connection's task.
                 incoming = stream.next(), if pending < MAX_PENDING_FRAMES => {
@@ -209,20 +258,9 @@ impl Connection {
                 Some(result) = next_result(&mut self.pending), if pending > 0 => {
                     Box::pin(self.reply_to_frame(result)).await
                 }
-                () = signals.notify.notified() => Box::pin(self.on_signals(&registration)).await,
-                Some(live) = registration.queue.recv() => self.on_live(live).await,
-                _ = ping.tick() => self.on_ping_tick(ping_interval).await,
-                _ = resync.tick() => {
-                    // An ack event lost on the bus leaves the window full, so
-                    // the resync also rechecks what is still in flight.
-                    Box::pin(self.drop_deleted_in_flight()).await;
-                    self.catching_up = true;
-                    Ok(())
-                }
-                () = sleep_until_some(self.backlog_retry_at), if self.backlog_retry_at.is_some() => {
-                    self.backlog_retry_at = None;
-                    self.catching_up = true;
-                    Ok(())
+                () = &mut notified => {
+                    notified.set(signals.notify.notified());
+                    self.on_signals(&signals).await
                 }
                 result = std::future::ready(()), if wants_backlog => {
                     let () = result;
@@ -232,7 +270,39 @@ impl Connection {
             if let Err(closing) = step {
                 return closing;
             }
+            let deadline = timers.next_deadline(self.backlog_retry_at);
+            if timer.is_elapsed() || timer.deadline() != deadline {
+                timer.as_mut().reset(deadline);
+            }
         }
+    }
+
+    /// Handles every timer that is due: token expiry, ping, resync and the
+    /// backlog retry.
+    async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), Closing> {
+        let now = tokio::time::Instant::now();
+        if now >= timers.token_deadline {
+            return Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"));
+        }
+        if now >= timers.next_ping {
+            timers.next_ping = now + timers.ping_interval;
+            self.on_ping_tick(timers.ping_interval).await?;
+        }
+        if now >= timers.next_resync {
+            timers.next_resync = now + timers.resync_interval;
+            // An ack event lost on the bus leaves the window full, so the
+            // resync also rechecks what is still in flight.
+            self.drop_deleted_in_flight().await;
+            self.catching_up = true;
+        }
+        if self
+            .backlog_retry_at
+            .is_some_and(|retry_at| now >= retry_at)
+        {
+            self.backlog_retry_at = None;
+            self.catching_up = true;
+        }
+        Ok(())
     }
 
     fn window_room(&self) -> usize {
@@ -244,16 +314,19 @@ impl Connection {
             .saturating_sub(self.in_flight.len())
     }
 
-    async fn on_signals(&mut self, registration: &Registration) -> Result<(), Closing> {
-        let signals = &registration.signals;
+    async fn on_signals(&mut self, signals: &Signals) -> Result<(), Closing> {
         self.apply_ack(signals.acked.load(Ordering::Acquire));
         if signals.lagged.swap(false, Ordering::AcqRel) {
             self.catching_up = true;
         }
         if signals.acked_by_id.swap(false, Ordering::AcqRel) {
-            self.drop_deleted_in_flight().await;
+            Box::pin(self.drop_deleted_in_flight()).await;
         }
-        Ok(())
+        let live = signals.take_live();
+        if live.is_empty() {
+            return Ok(());
+        }
+        self.send_live(live).await
     }
 
     /// Forgets in-flight seqs that are no longer stored, after an ack by
@@ -290,17 +363,25 @@ impl Connection {
         }
     }
 
-    async fn on_live(&mut self, live: LiveMessage) -> Result<(), Closing> {
-        if self.catching_up || live.seq <= self.sent_through {
-            return Ok(());
+    /// Writes the live messages that continue the seq order within the
+    /// window, then flushes once for all of them.
+    async fn send_live(&mut self, live: VecDeque<LiveMessage>) -> Result<(), Closing> {
+        let mut written = false;
+        for message in live {
+            if self.catching_up || message.seq <= self.sent_through {
+                continue;
+            }
+            if message.seq != self.sent_through + 1 || self.window_room() == 0 {
+                self.catching_up = true;
+                continue;
+            }
+            self.write(Message::Text(message.frame)).await?;
+            self.record_sent(message.seq, message.received_at_ms, DeliveryPath::Live);
+            written = true;
         }
-        if live.seq != self.sent_through + 1 || self.window_room() == 0 {
-            self.catching_up = true;
-            return Ok(());
+        if written {
+            self.flush().await?;
         }
-        self.write(Message::Text(live.frame)).await?;
-        self.flush().await?;
-        self.record_sent(live.seq, live.received_at_ms, "live");
         Ok(())
     }
 
@@ -341,18 +422,22 @@ impl Connection {
         }
         self.flush().await?;
         for message in &messages {
-            self.record_sent(message.seq, message.received_at_ms, "backlog");
+            self.record_sent(message.seq, message.received_at_ms, DeliveryPath::Backlog);
         }
         Ok(())
     }
 
-    fn record_sent(&mut self, seq: u64, received_at_ms: u64, path: &'static str) {
+    fn record_sent(&mut self, seq: u64, received_at_ms: u64, path: DeliveryPath) {
         self.sent_through = seq;
         self.in_flight.push_back(seq);
-        metrics::counter!(telemetry::MESSAGES_DELIVERED, "path" => path).increment(1);
+        let metrics = telemetry::message_metrics();
+        match path {
+            DeliveryPath::Live => metrics.delivered_live.increment(1),
+            DeliveryPath::Backlog => metrics.delivered_backlog.increment(1),
+        }
         let now = unix_millis(SystemTime::now());
         let latency = now.saturating_sub(received_at_ms) as f64 / 1000.0;
-        metrics::histogram!(telemetry::DELIVERY_LATENCY).record(latency);
+        metrics.delivery_latency.record(latency);
     }
 
     async fn on_ping_tick(&mut self, interval: Duration) -> Result<(), Closing> {
@@ -642,13 +727,6 @@ fn read_error_closing(err: axum::Error) -> Closing {
 /// Waits for the oldest pending frame's result; `None` when none is pending.
 async fn next_result(pending: &mut Option<Box<PendingFrames>>) -> Option<FrameResult> {
     pending.as_mut()?.results.next().await
-}
-
-/// Sleeps until `deadline`; only polled while it is `Some`.
-async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
-    if let Some(deadline) = deadline {
-        tokio::time::sleep_until(deadline).await;
-    }
 }
 
 /// Converts a Unix time in seconds to a Tokio instant.

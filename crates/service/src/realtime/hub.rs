@@ -2,7 +2,7 @@
 //! events from the delivery bus and hands each to every connection of the
 //! recipient, without ever waiting on a slow one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use axum::extract::ws::Utf8Bytes;
 use routing_protocol::Address;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use crate::bus::{ACKED_BY_ID, BusEvent};
 
@@ -40,13 +40,41 @@ pub struct Signals {
     pub lagged: AtomicBool,
     /// Set when messages of the user were acknowledged by message id.
     pub acked_by_id: AtomicBool,
-    /// Wakes the connection after `acked` or `lagged` changed.
+    /// Live messages for the connection, at most [`CONNECTION_QUEUE`]. It
+    /// allocates only when a message arrives, and the connection takes the
+    /// whole buffer each time, so an idle connection keeps no queue memory.
+    live: Mutex<VecDeque<LiveMessage>>,
+    /// Wakes the connection after `acked`, `lagged` or `live` changed.
     pub notify: Notify,
+}
+
+impl Signals {
+    /// Queues a live message, or marks the connection lagged when the queue
+    /// is full, then wakes the connection.
+    fn push_live(&self, message: LiveMessage) {
+        let queued = {
+            let mut live = self.live.lock().expect("live queue lock poisoned");
+            if live.len() < CONNECTION_QUEUE {
+                live.push_back(message);
+                true
+            } else {
+                false
+            }
+        };
+        if !queued {
+            self.lagged.store(true, Ordering::Release);
+        }
+        self.notify.notify_one();
+    }
+
+    /// Takes every queued live message, oldest first.
+    pub fn take_live(&self) -> VecDeque<LiveMessage> {
+        std::mem::take(&mut *self.live.lock().expect("live queue lock poisoned"))
+    }
 }
 
 struct Slot {
     id: u64,
-    queue: mpsc::Sender<LiveMessage>,
     signals: Arc<Signals>,
 }
 
@@ -76,9 +104,7 @@ pub struct Registration {
     hub: Arc<Hub>,
     user: Address,
     id: u64,
-    /// Live messages for this connection.
-    pub queue: mpsc::Receiver<LiveMessage>,
-    /// Acks and lag signals for this connection.
+    /// Live messages, acks and lag signals for this connection.
     pub signals: Arc<Signals>,
 }
 
@@ -118,12 +144,10 @@ impl Hub {
             self.open.fetch_sub(1, Ordering::AcqRel);
             return Err(RegisterError::UserFull);
         }
-        let (sender, queue) = mpsc::channel(CONNECTION_QUEUE);
         let signals = Arc::new(Signals::default());
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         slots.push(Slot {
             id,
-            queue: sender,
             signals: signals.clone(),
         });
         drop(shard);
@@ -131,7 +155,6 @@ impl Hub {
             hub: self.clone(),
             user: user.clone(),
             id,
-            queue,
             signals,
         })
     }
@@ -167,10 +190,7 @@ impl Hub {
                     frame,
                 };
                 self.each_connection(&recipient, |slot| {
-                    if slot.queue.try_send(message.clone()).is_err() {
-                        slot.signals.lagged.store(true, Ordering::Release);
-                        slot.signals.notify.notify_one();
-                    }
+                    slot.signals.push_live(message.clone());
                 });
             }
             BusEvent::Acked { recipient, up_to } => {
@@ -231,11 +251,30 @@ mod tests {
     fn every_connection_of_a_user_gets_each_delivery() {
         let hub = Arc::new(Hub::new(10, 10));
         let bob = Address::parse("bob").unwrap();
-        let mut first = hub.register(&bob).unwrap();
-        let mut second = hub.register(&bob).unwrap();
+        let first = hub.register(&bob).unwrap();
+        let second = hub.register(&bob).unwrap();
         hub.dispatch(delivery(&bob, 1));
-        assert_eq!(first.queue.try_recv().unwrap().seq, 1);
-        assert_eq!(second.queue.try_recv().unwrap().seq, 1);
+        assert_eq!(first.signals.take_live().front().unwrap().seq, 1);
+        assert_eq!(second.signals.take_live().front().unwrap().seq, 1);
+    }
+
+    #[test]
+    fn live_queue_keeps_order_and_empties() {
+        let hub = Arc::new(Hub::new(10, 10));
+        let bob = Address::parse("bob").unwrap();
+        let registration = hub.register(&bob).unwrap();
+        for seq in 1..=3 {
+            hub.dispatch(delivery(&bob, seq));
+        }
+        let seqs: Vec<u64> = registration
+            .signals
+            .take_live()
+            .iter()
+            .map(|live| live.seq)
+            .collect();
+        assert_eq!(seqs, [1, 2, 3]);
+        assert!(registration.signals.take_live().is_empty());
+        assert!(!registration.signals.lagged.load(Ordering::Acquire));
     }
 
     #[test]
@@ -247,6 +286,7 @@ mod tests {
             hub.dispatch(delivery(&bob, seq));
         }
         assert!(registration.signals.lagged.load(Ordering::Acquire));
+        assert_eq!(registration.signals.take_live().len(), CONNECTION_QUEUE);
     }
 
     #[test]

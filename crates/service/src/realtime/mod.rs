@@ -27,6 +27,11 @@ pub use hub::Hub;
 const FRAME_OVERHEAD_BYTES: usize = 1024;
 /// Bytes of frames collected before a write to the socket.
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
+/// Bytes of the read buffer that tungstenite 0.29 allocates and fills with
+/// zeros for every connection, idle or not. It is also the maximum size of
+/// one read call, so a smaller buffer costs more calls for large or
+/// pipelined frames.
+const READ_BUFFER_BYTES: usize = 1024;
 
 /// What the WebSocket server's handlers share.
 #[derive(Clone)]
@@ -108,7 +113,7 @@ async fn accept_upgrade(
     let max_message = state.app.config.limits.max_envelope_bytes + FRAME_OVERHEAD_BYTES;
     let tasks = state.tasks.clone();
     let response = upgrade
-        .read_buffer_size(4096)
+        .read_buffer_size(READ_BUFFER_BYTES)
         .write_buffer_size(WRITE_BUFFER_BYTES)
         .max_write_buffer_size(WRITE_BUFFER_BYTES + 2 * max_message)
         .max_message_size(max_message)

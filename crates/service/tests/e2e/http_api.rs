@@ -594,6 +594,78 @@ async fn cors_allows_listed_origins_only() {
 }
 
 #[tokio::test]
+async fn cors_headers_on_allowed_simple_request() {
+    let app =
+        TestApp::spawn_with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
+    let response = reqwest::Client::new()
+        .post(format!("{}/send", app.api))
+        .header("origin", "https://app.example")
+        .bearer_auth(app.token("alice"))
+        .json(&envelope("bob", "QQ=="))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 202);
+    assert_eq!(
+        response.headers()["access-control-allow-origin"],
+        "https://app.example"
+    );
+    assert_eq!(
+        response.headers()["access-control-expose-headers"],
+        "retry-after"
+    );
+    let vary = response
+        .headers()
+        .get_all("vary")
+        .iter()
+        .map(|value| value.to_str().unwrap().to_lowercase())
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(vary.contains("origin"), "{vary}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cors_preflight_from_unlisted_origin_is_forbidden() {
+    let app =
+        TestApp::spawn_with(|c| c.cors.allowed_origins = vec!["https://app.example".into()]).await;
+    let preflight = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, format!("{}/send", app.api))
+        .header("origin", "https://evil.example")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert_error(preflight, 403, ErrorCode::Forbidden).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn slow_request_body_gets_408() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app =
+        TestApp::spawn_with(|c| c.limits.request_timeout = std::time::Duration::from_millis(300))
+            .await;
+    let address = app.api.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let token = app.token("alice");
+    // The body is announced as 100 bytes, but only 10 are sent.
+    let request = format!(
+        "POST /send HTTP/1.1\r\nhost: {address}\r\nauthorization: Bearer {token}\r\n\
+         content-type: application/json\r\ncontent-length: 100\r\n\r\n{{\"recipie"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+
+    let mut response = Vec::new();
+    let read = tokio::time::timeout(crate::support::WAIT, stream.read_to_end(&mut response)).await;
+    assert!(read.is_ok(), "no response within the wait");
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn unknown_paths_and_methods_get_json_errors() {
     let app = TestApp::spawn().await;
     let http = reqwest::Client::new();
