@@ -326,7 +326,10 @@ impl Connection {
         if live.is_empty() {
             return Ok(());
         }
-        self.send_live(live).await
+        // Boxed, like the other deep paths, so the write futures do not
+        // grow every idle connection's task. It costs one allocation per
+        // batch of live messages.
+        Box::pin(self.send_live(live)).await
     }
 
     /// Forgets in-flight seqs that are no longer stored, after an ack by
