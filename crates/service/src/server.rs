@@ -337,27 +337,49 @@ fn spawn_maintenance(
 
 /// Runs the servers that `roles` names until SIGINT or SIGTERM.
 pub async fn serve(config: Config) -> anyhow::Result<()> {
+    // The handlers are installed before the servers start, so a signal that
+    // arrives as soon as they listen stops them gracefully.
+    let signals = ShutdownSignals::install()?;
     let server = Server::start(config).await?;
     let token = server.shutdown_token();
     tokio::spawn(async move {
-        wait_for_signal().await;
+        signals.wait().await;
         token.cancel();
     });
     server.wait().await
 }
 
-async fn wait_for_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGINT and SIGTERM handlers, registered when created.
+struct ShutdownSignals {
     #[cfg(unix)]
-    {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("installing a SIGTERM handler succeeds");
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = terminate.recv() => {}
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())
+                    .context("cannot install the SIGINT handler")?,
+                terminate: signal(SignalKind::terminate())
+                    .context("cannot install the SIGTERM handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    let _ = ctrl_c.await;
+
+    async fn wait(mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
 }
