@@ -33,8 +33,8 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use routing_protocol::Address;
-use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{Connection, PgPool};
 
 use super::{
     AckTarget, Appended, Mailbox, MailboxError, MailboxSettings, NewMessage, StoredMessage,
@@ -107,6 +107,12 @@ const EXPIRE_BATCH: ExpireBatch = ExpireBatch {
     rows: 1000,
 };
 
+/// How long a pooled connection may sit idle before it is pinged when it is
+/// handed out again. A connection broken sooner, for example by a server
+/// restart, fails the call that gets it with [`MailboxError::Unavailable`],
+/// and the pool replaces it.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 impl PostgresMailbox {
     /// Connects to PostgreSQL at `url`, creates `schema` when missing and
     /// applies the migrations it lacks.
@@ -134,6 +140,18 @@ impl PostgresMailbox {
         let connections = PgPoolOptions::new()
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)
+            // sqlx pings every idle connection it hands out by default, which
+            // costs a round trip per call. Only connections idle for a while
+            // are pinged here.
+            .test_before_acquire(false)
+            .before_acquire(|conn, metadata| {
+                Box::pin(async move {
+                    if metadata.idle_for >= PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(backend_error)?;

@@ -521,3 +521,76 @@ async fn write_functions_ignore_caller_search_path() {
     })
     .await;
 }
+
+/// Connects a mailbox with a pool of one connection and returns it with
+/// the server process id of that connection.
+async fn connect_single(schema: &str) -> (PostgresMailbox, i32) {
+    let single = PostgresPoolSettings {
+        max_connections: 1,
+        ..pool_settings()
+    };
+    let mailbox = PostgresMailbox::connect(&test_url(), schema, single, roomy_settings())
+        .await
+        .expect("the mailbox connects");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mailbox.pool)
+        .await
+        .expect("the pid query succeeds");
+    (mailbox, pid)
+}
+
+/// Terminates the server process of the pool's one connection once that
+/// connection is back in the pool, so the pool's own check on release has
+/// passed.
+async fn terminate_idle_backend(mailbox: &PostgresMailbox, pid: i32) {
+    while mailbox.pool.num_idle() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let admin = admin_pool().await;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .expect("pg_terminate_backend runs");
+    admin.close().await;
+    assert!(terminated, "backend {pid} was not terminated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_busy_connection_fails_one_call() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let (mailbox, pid) = connect_single(&schemas.create_name()).await;
+        append_new(&mailbox, message("bob", "alice", "m1", "m1")).await;
+        terminate_idle_backend(&mailbox, pid).await;
+
+        // Used less than PING_AFTER_IDLE ago, so the pool hands it out unchecked.
+        let failed = mailbox.append(message("bob", "alice", "m2", "m2")).await;
+        assert!(
+            matches!(failed, Err(MailboxError::Unavailable(_))),
+            "got {failed:?}"
+        );
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m2", "m2")).await,
+            2
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_idle_connection_is_replaced() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let (mailbox, pid) = connect_single(&schemas.create_name()).await;
+        append_new(&mailbox, message("bob", "alice", "m1", "m1")).await;
+        terminate_idle_backend(&mailbox, pid).await;
+        tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(200)).await;
+
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m2", "m2")).await,
+            2
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
