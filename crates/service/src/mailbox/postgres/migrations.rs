@@ -17,17 +17,34 @@ pub(super) struct Migration {
 }
 
 /// Every migration, in version order.
-pub(super) const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create_tables",
-    sql: include_str!("migrations/0001_create_tables.sql"),
-}];
+pub(super) const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create_tables",
+        sql: include_str!("migrations/0001_create_tables.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "write_functions",
+        sql: include_str!("migrations/0002_write_functions.sql"),
+    },
+];
 
 /// Creates `schema` when missing and applies the migrations it lacks.
 ///
 /// `schema` must have passed [`super::validate_schema`], because it is
 /// written into the SQL text.
 pub(super) async fn run(pool: &PgPool, schema: &str) -> Result<(), MailboxError> {
+    apply_missing(pool, schema, MIGRATIONS).await
+}
+
+/// Creates `schema` when missing and applies those of `migrations` that it
+/// lacks. Tests pass a prefix of [`MIGRATIONS`] to build an older schema.
+pub(super) async fn apply_missing(
+    pool: &PgPool,
+    schema: &str,
+    migrations: &[Migration],
+) -> Result<(), MailboxError> {
     let mut tx = pool.begin().await.map_err(backend_error)?;
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
         .bind(lock_key(schema))
@@ -42,7 +59,7 @@ pub(super) async fn run(pool: &PgPool, schema: &str) -> Result<(), MailboxError>
         .map_err(backend_error)?;
     warn_on_unknown_versions(schema, &applied);
 
-    for migration in MIGRATIONS {
+    for migration in migrations {
         if applied.contains(&migration.version) {
             continue;
         }

@@ -14,8 +14,12 @@
 //!   acceptance time, kept while the message is stored or the dedupe window
 //!   is open.
 //!
-//! An append is one transaction, and `append` returns after its commit. It
-//! is as durable as the server's `synchronous_commit` setting makes a commit.
+//! Appends, acks and expiry batches call the PL/pgSQL functions of migration
+//! 2 (`migrations/0002_write_functions.sql`). Each call is one statement in
+//! its own transaction, so it costs one round trip and the counter row stays
+//! locked only while the function runs and its transaction commits. `append`
+//! returns after that commit, so it is as durable as the server's
+//! `synchronous_commit` setting makes a commit.
 //!
 //! Times are milliseconds since the Unix epoch on this instance's clock. A
 //! message's `received_at_ms` is the later of that clock and the recipient's
@@ -24,14 +28,13 @@
 //! NOTE: TTL and dedupe windows are measured on the clock of the instance
 //! that runs the call, so clock skew between instances shifts them by the skew.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use routing_protocol::Address;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{Connection, PgPool};
 
 use super::{
     AckTarget, Appended, Mailbox, MailboxError, MailboxSettings, NewMessage, StoredMessage,
@@ -104,6 +107,12 @@ const EXPIRE_BATCH: ExpireBatch = ExpireBatch {
     rows: 1000,
 };
 
+/// How long a pooled connection may sit idle before it is pinged when it is
+/// handed out again. A connection broken sooner, for example by a server
+/// restart, fails the call that gets it with [`MailboxError::Unavailable`],
+/// and the pool replaces it.
+const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
+
 impl PostgresMailbox {
     /// Connects to PostgreSQL at `url`, creates `schema` when missing and
     /// applies the migrations it lacks.
@@ -131,6 +140,18 @@ impl PostgresMailbox {
         let connections = PgPoolOptions::new()
             .max_connections(pool.max_connections)
             .acquire_timeout(pool.acquire_timeout)
+            // sqlx pings every idle connection it hands out by default, which
+            // costs a round trip per call. Only connections idle for a while
+            // are pinged here.
+            .test_before_acquire(false)
+            .before_acquire(|conn, metadata| {
+                Box::pin(async move {
+                    if metadata.idle_for >= PING_AFTER_IDLE {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_with(options)
             .await
             .map_err(backend_error)?;
@@ -163,31 +184,28 @@ impl PostgresMailbox {
 
 #[async_trait]
 impl Mailbox for PostgresMailbox {
+    /// Runs `append_message` (migration 2) as one statement, so the call is
+    /// one round trip and returns after its commit.
     async fn append(&self, message: NewMessage) -> Result<Appended, MailboxError> {
-        let mut tx = self.open_pool()?.begin().await.map_err(backend_error)?;
-        let recipient = message.recipient.as_str();
-        let mut counter = lock_or_create_counter(&mut tx, recipient).await?;
+        let pool = self.open_pool()?;
         let now_ms = now_ms();
-
-        if let Some(first) = self.live_dedupe(&mut tx, &message, now_ms).await? {
-            tx.rollback().await.map_err(backend_error)?;
-            return first.outcome(&message);
-        }
-        if counter.stored >= self.limits.max_stored {
-            counter.stored -= self.delete_expired_now(&mut tx, recipient, now_ms).await?;
-            if counter.stored >= self.limits.max_stored {
-                // Commit, so the expired messages deleted above stay deleted.
-                tx.commit().await.map_err(backend_error)?;
-                return Err(MailboxError::Full {
-                    limit: self.limits.max_stored_per_user,
-                });
-            }
-        }
-
-        let stored = counter.push(now_ms, &message)?;
-        insert_message(&mut tx, &message, &stored).await?;
-        tx.commit().await.map_err(backend_error)?;
-        Ok(Appended::New(stored))
+        let row: (String, Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT outcome, seq, received_at_ms \
+             FROM append_message($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+        )
+        .bind(message.recipient.as_str())
+        .bind(message.sender.as_str())
+        .bind(&message.message_id)
+        .bind(message.content_hash.to_be_bytes().as_slice())
+        .bind(&*message.envelope_json)
+        .bind(now_ms)
+        .bind(self.limits.window_cutoff(now_ms))
+        .bind(self.limits.expired_cutoff(now_ms))
+        .bind(self.limits.max_stored)
+        .fetch_one(pool)
+        .await
+        .map_err(backend_error)?;
+        self.append_outcome(row, message)
     }
 
     async fn read(
@@ -220,35 +238,29 @@ impl Mailbox for PostgresMailbox {
         rows.into_iter().map(stored_message).collect()
     }
 
+    /// Runs `ack_up_to` or `ack_message_ids` (migration 2) as one statement.
     async fn ack(&self, recipient: &Address, target: AckTarget) -> Result<u64, MailboxError> {
-        let mut tx = self.open_pool()?.begin().await.map_err(backend_error)?;
-        let recipient = recipient.as_str();
-        if !lock_counter(&mut tx, recipient).await? {
-            tx.rollback().await.map_err(backend_error)?;
-            return Ok(0);
-        }
-
+        let pool = self.open_pool()?;
         let window_cutoff = self.limits.window_cutoff(now_ms());
         let deleted = match target {
             AckTarget::UpTo(up_to) => {
-                sqlx::query_scalar(ACK_UP_TO_SQL)
-                    .bind(recipient)
+                sqlx::query_scalar("SELECT ack_up_to($1, $2, $3)")
+                    .bind(recipient.as_str())
                     .bind(window_cutoff)
                     .bind(to_db(up_to))
-                    .fetch_one(&mut *tx)
+                    .fetch_one(pool)
                     .await
             }
             AckTarget::Ids(ids) => {
-                sqlx::query_scalar(ACK_IDS_SQL)
-                    .bind(recipient)
+                sqlx::query_scalar("SELECT ack_message_ids($1, $2, $3)")
+                    .bind(recipient.as_str())
                     .bind(window_cutoff)
                     .bind(ids)
-                    .fetch_one(&mut *tx)
+                    .fetch_one(pool)
                     .await
             }
         };
         let deleted: i64 = deleted.map_err(backend_error)?;
-        tx.commit().await.map_err(backend_error)?;
         from_db(deleted, "acked count")
     }
 
@@ -311,88 +323,41 @@ impl Mailbox for PostgresMailbox {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Statements that delete messages of a recipient whose counter row the
-// transaction holds. Each deletes the dedupe records of those messages whose
-// window has passed ($2), lowers the stored count and returns how many
-// messages it deleted.
-
-macro_rules! delete_messages_sql {
-    ($selection:literal) => {
-        concat!(
-            "WITH gone AS (DELETE FROM messages WHERE recipient = $1 AND ",
-            $selection,
-            " RETURNING seq), \
-             forgotten AS (DELETE FROM dedupe WHERE recipient = $1 \
-                 AND accepted_at_ms <= $2 AND seq IN (SELECT seq FROM gone)), \
-             counted AS (UPDATE mailbox_counters \
-                 SET stored = GREATEST(stored - (SELECT count(*) FROM gone), 0) \
-                 WHERE recipient = $1) \
-             SELECT count(*) FROM gone"
-        )
-    };
-}
-
-/// $3: the highest seq acknowledged.
-const ACK_UP_TO_SQL: &str = delete_messages_sql!("seq <= $3");
-/// $3: the acknowledged message ids.
-const ACK_IDS_SQL: &str = delete_messages_sql!("message_id = ANY($3)");
-/// $3: the latest expired `received_at_ms`.
-const DELETE_EXPIRED_SQL: &str = delete_messages_sql!("received_at_ms <= $3");
-/// $3: the latest expired `received_at_ms`; $4: the batch size. Expired
-/// messages are the lowest seqs, because `received_at_ms` never decreases.
-const DELETE_EXPIRED_BATCH_SQL: &str = delete_messages_sql!(
-    "seq IN (SELECT seq FROM messages WHERE recipient = $1 \
-     AND received_at_ms <= $3 ORDER BY seq LIMIT $4)"
-);
-
 impl PostgresMailbox {
-    /// Looks up the dedupe record of the message's (recipient, sender,
-    /// message id) and returns it when it still matches a repeat: its
-    /// message is stored and unexpired, or its window is open.
-    async fn live_dedupe(
+    /// Converts the row of `append_message` to the result of `append`.
+    fn append_outcome(
         &self,
-        conn: &mut PgConnection,
-        message: &NewMessage,
-        now_ms: i64,
-    ) -> Result<Option<FirstMessage>, MailboxError> {
-        let row: Option<(i64, Vec<u8>)> = sqlx::query_as(
-            "SELECT d.seq, d.content_hash FROM dedupe d \
-             WHERE d.recipient = $1 AND d.sender = $2 AND d.message_id = $3 \
-             AND (d.accepted_at_ms > $4 OR EXISTS (SELECT 1 FROM messages m \
-                 WHERE m.recipient = d.recipient AND m.seq = d.seq \
-                 AND m.received_at_ms > $5))",
-        )
-        .bind(message.recipient.as_str())
-        .bind(message.sender.as_str())
-        .bind(&message.message_id)
-        .bind(self.limits.window_cutoff(now_ms))
-        .bind(self.limits.expired_cutoff(now_ms))
-        .fetch_optional(conn)
-        .await
-        .map_err(backend_error)?;
-        Ok(row.map(|(seq, content_hash)| FirstMessage { seq, content_hash }))
-    }
-
-    /// Deletes every expired message of a recipient whose counter row the
-    /// transaction holds; returns how many it deleted.
-    async fn delete_expired_now(
-        &self,
-        conn: &mut PgConnection,
-        recipient: &str,
-        now_ms: i64,
-    ) -> Result<i64, MailboxError> {
-        sqlx::query_scalar(DELETE_EXPIRED_SQL)
-            .bind(recipient)
-            .bind(self.limits.window_cutoff(now_ms))
-            .bind(self.limits.expired_cutoff(now_ms))
-            .fetch_one(conn)
-            .await
-            .map_err(backend_error)
+        row: (String, Option<i64>, Option<i64>),
+        message: NewMessage,
+    ) -> Result<Appended, MailboxError> {
+        let (outcome, seq, received_at_ms) = row;
+        match outcome.as_str() {
+            "new" => Ok(Appended::New(StoredMessage {
+                seq: from_db(required(seq, "seq")?, "seq")?,
+                received_at_ms: from_db(
+                    required(received_at_ms, "received_at_ms")?,
+                    "received_at_ms",
+                )?,
+                message_id: message.message_id,
+                envelope_json: message.envelope_json,
+            })),
+            "duplicate" => Ok(Appended::Duplicate {
+                seq: from_db(required(seq, "seq")?, "dedupe seq")?,
+            }),
+            "conflict" => Err(MailboxError::Conflict {
+                message_id: message.message_id,
+            }),
+            "full" => Err(MailboxError::Full {
+                limit: self.limits.max_stored_per_user,
+            }),
+            other => Err(MailboxError::Internal(format!(
+                "append_message returned the unknown outcome {other:?}"
+            ))),
+        }
     }
 
     /// Deletes the expired messages of one recipient, one batch per
-    /// transaction; returns how many this call deleted.
+    /// `delete_expired_batch` call; returns how many this call deleted.
     async fn expire_recipient(
         &self,
         pool: &PgPool,
@@ -401,19 +366,14 @@ impl PostgresMailbox {
     ) -> Result<i64, MailboxError> {
         let mut expired = 0;
         loop {
-            let mut tx = pool.begin().await.map_err(backend_error)?;
-            // Creating a missing counter row keeps the lock step uniform;
-            // messages without one do not occur.
-            lock_or_create_counter(&mut tx, recipient).await?;
-            let deleted: i64 = sqlx::query_scalar(DELETE_EXPIRED_BATCH_SQL)
+            let deleted: i64 = sqlx::query_scalar("SELECT delete_expired_batch($1, $2, $3, $4)")
                 .bind(recipient)
                 .bind(self.limits.window_cutoff(now_ms))
                 .bind(self.limits.expired_cutoff(now_ms))
                 .bind(self.expire_batch.rows)
-                .fetch_one(&mut *tx)
+                .fetch_one(pool)
                 .await
                 .map_err(backend_error)?;
-            tx.commit().await.map_err(backend_error)?;
 
             expired += deleted;
             if deleted < self.expire_batch.rows {
@@ -448,115 +408,9 @@ impl PostgresMailbox {
     }
 }
 
-/// The dedupe record that a repeated message matched.
-struct FirstMessage {
-    seq: i64,
-    content_hash: Vec<u8>,
-}
-
-impl FirstMessage {
-    /// Returns the duplicate when the content is the same, and a conflict otherwise.
-    fn outcome(self, message: &NewMessage) -> Result<Appended, MailboxError> {
-        if self.content_hash != message.content_hash.to_be_bytes() {
-            return Err(MailboxError::Conflict {
-                message_id: message.message_id.clone(),
-            });
-        }
-        Ok(Appended::Duplicate {
-            seq: from_db(self.seq, "dedupe seq")?,
-        })
-    }
-}
-
-/// A recipient's `mailbox_counters` row, locked by the transaction.
-struct Counter {
-    last_seq: i64,
-    stored: i64,
-    last_received_at_ms: i64,
-}
-
-impl Counter {
-    /// Assigns the next seq and a `received_at_ms` no earlier than the last.
-    fn push(&mut self, now_ms: i64, message: &NewMessage) -> Result<StoredMessage, MailboxError> {
-        self.last_seq = self
-            .last_seq
-            .checked_add(1)
-            .ok_or_else(|| MailboxError::Internal("the recipient's seq overflowed".into()))?;
-        self.stored += 1;
-        self.last_received_at_ms = self.last_received_at_ms.max(now_ms);
-        Ok(StoredMessage {
-            seq: from_db(self.last_seq, "seq")?,
-            received_at_ms: from_db(self.last_received_at_ms, "received_at_ms")?,
-            message_id: message.message_id.clone(),
-            envelope_json: Arc::clone(&message.envelope_json),
-        })
-    }
-}
-
-/// Locks the recipient's counter row, creating it first for a new recipient.
-async fn lock_or_create_counter(
-    conn: &mut PgConnection,
-    recipient: &str,
-) -> Result<Counter, MailboxError> {
-    // The no-op update locks an existing row; RETURNING reads its latest version.
-    let (last_seq, stored, last_received_at_ms) = sqlx::query_as(
-        "INSERT INTO mailbox_counters (recipient) VALUES ($1) \
-         ON CONFLICT (recipient) DO UPDATE SET recipient = EXCLUDED.recipient \
-         RETURNING last_seq, stored, last_received_at_ms",
-    )
-    .bind(recipient)
-    .fetch_one(conn)
-    .await
-    .map_err(backend_error)?;
-    Ok(Counter {
-        last_seq,
-        stored,
-        last_received_at_ms,
-    })
-}
-
-/// Locks the recipient's counter row; returns false when the recipient has none.
-async fn lock_counter(conn: &mut PgConnection, recipient: &str) -> Result<bool, MailboxError> {
-    let row: Option<i64> =
-        sqlx::query_scalar("SELECT last_seq FROM mailbox_counters WHERE recipient = $1 FOR UPDATE")
-            .bind(recipient)
-            .fetch_optional(conn)
-            .await
-            .map_err(backend_error)?;
-    Ok(row.is_some())
-}
-
-/// Inserts the message and its dedupe record, replacing a dead record, and
-/// moves the counter row to the new seq.
-async fn insert_message(
-    conn: &mut PgConnection,
-    message: &NewMessage,
-    stored: &StoredMessage,
-) -> Result<(), MailboxError> {
-    sqlx::query(
-        "WITH stored AS (INSERT INTO messages \
-             (recipient, seq, sender, message_id, received_at_ms, envelope_json) \
-             VALUES ($1, $2, $3, $4, $5, $6)), \
-         remembered AS (INSERT INTO dedupe \
-             (recipient, sender, message_id, seq, content_hash, accepted_at_ms) \
-             VALUES ($1, $3, $4, $2, $7, $5) \
-             ON CONFLICT (recipient, sender, message_id) DO UPDATE SET \
-             seq = EXCLUDED.seq, content_hash = EXCLUDED.content_hash, \
-             accepted_at_ms = EXCLUDED.accepted_at_ms) \
-         UPDATE mailbox_counters SET last_seq = $2, stored = stored + 1, \
-             last_received_at_ms = $5 WHERE recipient = $1",
-    )
-    .bind(message.recipient.as_str())
-    .bind(to_db(stored.seq))
-    .bind(message.sender.as_str())
-    .bind(&message.message_id)
-    .bind(to_db(stored.received_at_ms))
-    .bind(&*message.envelope_json)
-    .bind(message.content_hash.to_be_bytes().as_slice())
-    .execute(conn)
-    .await
-    .map_err(backend_error)?;
-    Ok(())
+/// Returns a column of `append_message` that its outcome always sets.
+fn required(value: Option<i64>, column: &str) -> Result<i64, MailboxError> {
+    value.ok_or_else(|| MailboxError::Internal(format!("append_message returned no {column}")))
 }
 
 fn stored_message(row: (i64, i64, String, String)) -> Result<StoredMessage, MailboxError> {

@@ -5,7 +5,7 @@
 
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, resume_unwind};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use futures_util::FutureExt;
 use sqlx::AssertSqlSafe;
@@ -346,4 +346,251 @@ async fn invalid_schema_names_are_rejected() {
     }
     assert!(validate_schema("mailbox_2").is_ok());
     assert!(validate_schema("_private").is_ok());
+}
+
+/// Builds a schema at migration version 1 with the rows that version-1
+/// code left for bob: seq 5 acknowledged (its dedupe record in its window),
+/// seqs 6 and 7 stored.
+async fn fill_version_one_schema(schema: &str) {
+    let admin = admin_pool().await;
+    migrations::apply_missing(&admin, schema, &migrations::MIGRATIONS[..1])
+        .await
+        .expect("migration 1 applies");
+
+    let now = now_ms();
+    let bob = address("bob");
+    let insert_counter = format!(
+        "INSERT INTO \"{schema}\".mailbox_counters \
+         (recipient, last_seq, stored, last_received_at_ms) VALUES ($1, 7, 2, $2)"
+    );
+    sqlx::query(AssertSqlSafe(insert_counter))
+        .bind(bob.as_str())
+        .bind(now)
+        .execute(&admin)
+        .await
+        .expect("the counter row is inserted");
+    for (seq, id) in [(5_i64, "m5"), (6, "m6"), (7, "m7")] {
+        let old = message("bob", "alice", id, id);
+        let insert_dedupe = format!(
+            "INSERT INTO \"{schema}\".dedupe \
+             (recipient, sender, message_id, seq, content_hash, accepted_at_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        );
+        sqlx::query(AssertSqlSafe(insert_dedupe))
+            .bind(old.recipient.as_str())
+            .bind(old.sender.as_str())
+            .bind(&old.message_id)
+            .bind(seq)
+            .bind(old.content_hash.to_be_bytes().as_slice())
+            .bind(now)
+            .execute(&admin)
+            .await
+            .expect("the dedupe record is inserted");
+        if seq == 5 {
+            continue;
+        }
+        let insert_message = format!(
+            "INSERT INTO \"{schema}\".messages \
+             (recipient, seq, sender, message_id, received_at_ms, envelope_json) \
+             VALUES ($1, $2, $3, $4, $5, $6)"
+        );
+        sqlx::query(AssertSqlSafe(insert_message))
+            .bind(old.recipient.as_str())
+            .bind(seq)
+            .bind(old.sender.as_str())
+            .bind(&old.message_id)
+            .bind(now)
+            .bind(&*old.envelope_json)
+            .execute(&admin)
+            .await
+            .expect("the message is inserted");
+    }
+    admin.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migration_two_keeps_version_one_data() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let schema = schemas.create_name();
+        fill_version_one_schema(&schema).await;
+
+        let mailbox = connect(&schema, roomy_settings()).await;
+        let admin = admin_pool().await;
+        let sql = format!("SELECT version FROM \"{schema}\".schema_migrations ORDER BY version");
+        let versions: Vec<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .fetch_all(&admin)
+            .await
+            .expect("schema_migrations is readable");
+        admin.close().await;
+        assert_eq!(versions, [1, 2]);
+
+        let bob = address("bob");
+        assert_eq!(stored_seqs(&mailbox, "bob").await, [6, 7]);
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m8", "m8")).await,
+            8
+        );
+        let repeat = mailbox.append(message("bob", "alice", "m6", "m6")).await;
+        assert_eq!(
+            repeat.expect("append succeeds"),
+            Appended::Duplicate { seq: 6 }
+        );
+        let acked_repeat = mailbox.append(message("bob", "alice", "m5", "other")).await;
+        assert!(
+            matches!(acked_repeat, Err(MailboxError::Conflict { .. })),
+            "got {acked_repeat:?}"
+        );
+        assert_eq!(mailbox.count(&bob).await.expect("count succeeds"), 3);
+
+        let acked = mailbox.ack(&bob, AckTarget::UpTo(7)).await;
+        assert_eq!(acked.expect("ack succeeds"), 2);
+        assert_eq!(mailbox.count(&bob).await.expect("count succeeds"), 1);
+        assert_eq!(stored_seqs(&mailbox, "bob").await, [8]);
+        mailbox.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_keeps_expired_deletions() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let schema = schemas.create_name();
+        let roomy = connect(&schema, roomy_settings()).await;
+        append_new(&roomy, message("bob", "alice", "m1", "m1")).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        append_new(&roomy, message("bob", "alice", "m2", "m2")).await;
+
+        // A second instance on the same tables, for which m1 has expired and
+        // one stored message fills the mailbox.
+        let strict_settings = MailboxSettings {
+            max_stored_per_user: 1,
+            message_ttl: Duration::from_millis(100),
+            ..roomy_settings()
+        };
+        let strict = connect(&schema, strict_settings).await;
+        let over = strict.append(message("bob", "alice", "m3", "m3")).await;
+        assert!(
+            matches!(over, Err(MailboxError::Full { limit: 1 })),
+            "got {over:?}"
+        );
+
+        let bob = address("bob");
+        assert_eq!(roomy.count(&bob).await.expect("count succeeds"), 1);
+        assert_eq!(stored_seqs(&roomy, "bob").await, [2]);
+        assert_eq!(row_count(&schema, "messages").await, 1);
+        roomy.close().await;
+        strict.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_functions_ignore_caller_search_path() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let schema = schemas.create_name();
+        let mailbox = connect(&schema, roomy_settings()).await;
+        append_new(&mailbox, message("bob", "alice", "m1", "m1")).await;
+
+        // The admin connection's search_path does not contain the schema.
+        let admin = admin_pool().await;
+        let new = message("bob", "alice", "m2", "m2");
+        let call = format!(
+            "SELECT outcome, seq FROM \"{schema}\".append_message( \
+             $1, $2, $3, $4, $5, $6, 0, 0, 100)"
+        );
+        let (outcome, seq): (String, Option<i64>) = sqlx::query_as(AssertSqlSafe(call))
+            .bind(new.recipient.as_str())
+            .bind(new.sender.as_str())
+            .bind(&new.message_id)
+            .bind(new.content_hash.to_be_bytes().as_slice())
+            .bind(&*new.envelope_json)
+            .bind(now_ms())
+            .fetch_one(&admin)
+            .await
+            .expect("append_message runs with the caller's search_path");
+        admin.close().await;
+        assert_eq!(outcome, "new");
+        assert_eq!(seq, Some(2));
+
+        assert_eq!(stored_seqs(&mailbox, "bob").await, [1, 2]);
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m3", "m3")).await,
+            3
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
+
+/// Connects a mailbox with a pool of one connection and returns it with
+/// the server process id of that connection.
+async fn connect_single(schema: &str) -> (PostgresMailbox, i32) {
+    let single = PostgresPoolSettings {
+        max_connections: 1,
+        ..pool_settings()
+    };
+    let mailbox = PostgresMailbox::connect(&test_url(), schema, single, roomy_settings())
+        .await
+        .expect("the mailbox connects");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mailbox.pool)
+        .await
+        .expect("the pid query succeeds");
+    (mailbox, pid)
+}
+
+/// Terminates the server process of the pool's one connection once that
+/// connection is back in the pool, so the pool's own check on release has
+/// passed.
+async fn terminate_idle_backend(mailbox: &PostgresMailbox, pid: i32) {
+    while mailbox.pool.num_idle() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let admin = admin_pool().await;
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1, 5000)")
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .expect("pg_terminate_backend runs");
+    admin.close().await;
+    assert!(terminated, "backend {pid} was not terminated");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_busy_connection_fails_one_call() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let (mailbox, pid) = connect_single(&schemas.create_name()).await;
+        append_new(&mailbox, message("bob", "alice", "m1", "m1")).await;
+        terminate_idle_backend(&mailbox, pid).await;
+
+        // Used less than PING_AFTER_IDLE ago, so the pool hands it out unchecked.
+        let failed = mailbox.append(message("bob", "alice", "m2", "m2")).await;
+        assert!(
+            matches!(failed, Err(MailboxError::Unavailable(_))),
+            "got {failed:?}"
+        );
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m2", "m2")).await,
+            2
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_idle_connection_is_replaced() {
+    with_schemas(TEST_TIMEOUT, |schemas| async move {
+        let (mailbox, pid) = connect_single(&schemas.create_name()).await;
+        append_new(&mailbox, message("bob", "alice", "m1", "m1")).await;
+        terminate_idle_backend(&mailbox, pid).await;
+        tokio::time::sleep(PING_AFTER_IDLE + Duration::from_millis(200)).await;
+
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m2", "m2")).await,
+            2
+        );
+        mailbox.close().await;
+    })
+    .await;
 }
