@@ -523,7 +523,7 @@ impl Connection {
         let user = self.user.clone();
         let future =
             async move { FrameResult::Ack(router.ack(&user, AckTarget::UpTo(up_to_seq)).await) };
-        self.push_pending(Box::pin(future), PendingFrame::Ack { up_to_seq });
+        self.push_pending(future, PendingFrame::Ack { up_to_seq });
     }
 
     fn pending_count(&self) -> usize {
@@ -532,14 +532,38 @@ impl Connection {
             .map_or(0, |pending| pending.frames.len())
     }
 
-    fn push_pending(&mut self, future: PendingFuture, frame: PendingFrame) {
+    /// Runs `future` as its own task and queues its result for a reply.
+    ///
+    /// A task, not a future polled by this connection: a pending call may
+    /// hold a pooled database connection, and this connection may itself
+    /// wait for the pool (a backlog read) before it polls its pending
+    /// frames again. As tasks, pending calls finish and return their pool
+    /// connection whatever this connection waits for.
+    fn push_pending(
+        &mut self,
+        future: impl Future<Output = FrameResult> + Send + 'static,
+        frame: PendingFrame,
+    ) {
+        let task = tokio::spawn(future);
+        let is_send = matches!(frame, PendingFrame::Send { .. });
+        let result = async move {
+            task.await.unwrap_or_else(|err| {
+                tracing::error!(error = %err, "a send or ack task failed");
+                let error = ApiError::new(ErrorCode::Internal, "the request failed; retry it");
+                if is_send {
+                    FrameResult::Send(Err(error))
+                } else {
+                    FrameResult::Ack(Err(error))
+                }
+            })
+        };
         let pending = self.pending.get_or_insert_with(|| {
             Box::new(PendingFrames {
                 results: FuturesOrdered::new(),
                 frames: VecDeque::new(),
             })
         });
-        pending.results.push_back(future);
+        pending.results.push_back(Box::pin(result));
         pending.frames.push_back(frame);
     }
 
@@ -565,7 +589,7 @@ impl Connection {
         let user = self.user.clone();
         let future = async move { FrameResult::Send(router.accept(&user, envelope).await) };
         self.push_pending(
-            Box::pin(future),
+            future,
             PendingFrame::Send {
                 message_id,
                 recipient,

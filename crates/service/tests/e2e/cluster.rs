@@ -213,3 +213,38 @@ async fn offline_mail_is_fetched_through_any_api_instance() {
     );
     cluster.remove().await;
 }
+
+/// Acks that wait for a pooled database connection must not stall a
+/// connection that reads its backlog from the same small pool.
+#[tokio::test]
+async fn acks_and_backlog_reads_share_a_small_pool() {
+    const MESSAGES: u64 = 300;
+    let cluster = Cluster::new();
+    let instance = cluster
+        .start_with(
+            "[api, websocket]",
+            &[
+                ("ROUTING_MESSAGE_STORE__POSTGRES__MAX_CONNECTIONS", "2"),
+                ("ROUTING_MESSAGE_STORE__POSTGRES__ACQUIRE_TIMEOUT", "60s"),
+                ("ROUTING_WEBSOCKET__MAX_UNACKED", "20"),
+            ],
+        )
+        .await;
+    let alice = client(&instance, "alice");
+    for index in 0..MESSAGES {
+        alice
+            .send(&envelope_with_id("bob", "QQ==", &format!("m{index}")))
+            .await
+            .unwrap();
+    }
+
+    // Bob acks every message as it arrives, so acks wait for the pool while
+    // the 20-message window makes the connection read its backlog again.
+    let mut bob = connect(&client(&instance, "bob")).await;
+    for expected in 1..=MESSAGES {
+        let (seq, _) = next_message(&mut bob).await;
+        assert_eq!(seq, expected);
+        bob.ack(seq).await.unwrap();
+    }
+    cluster.remove().await;
+}
