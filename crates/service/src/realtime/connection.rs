@@ -23,6 +23,7 @@ use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
 use super::RealtimeState;
 use super::hub::{LiveMessage, Registration, Signals};
 use crate::auth::Identity;
+use crate::config::StoreKind;
 use crate::error::ApiError;
 use crate::mailbox::AckTarget;
 use crate::presence::LOOKUP_CACHE_TTL;
@@ -532,30 +533,38 @@ impl Connection {
             .map_or(0, |pending| pending.frames.len())
     }
 
-    /// Runs `future` as its own task and queues its result for a reply.
+    /// Queues a send or ack for a reply, in arrival order.
     ///
-    /// A task, not a future polled by this connection: a pending call may
+    /// With the PostgreSQL mailbox the call runs as its own task: it may
     /// hold a pooled database connection, and this connection may itself
     /// wait for the pool (a backlog read) before it polls its pending
-    /// frames again. As tasks, pending calls finish and return their pool
-    /// connection whatever this connection waits for.
+    /// frames again, so with many connections the pool would run dry until
+    /// its acquire timeout. The embedded mailbox holds nothing for a call
+    /// that is not polled, so there the connection polls its calls itself,
+    /// which costs less CPU than a task per frame.
     fn push_pending(
         &mut self,
         future: impl Future<Output = FrameResult> + Send + 'static,
         frame: PendingFrame,
     ) {
-        let task = tokio::spawn(future);
-        let is_send = matches!(frame, PendingFrame::Send { .. });
-        let result = async move {
-            task.await.unwrap_or_else(|err| {
-                tracing::error!(error = %err, "a send or ack task failed");
-                let error = ApiError::new(ErrorCode::Internal, "the request failed; retry it");
-                if is_send {
-                    FrameResult::Send(Err(error))
-                } else {
-                    FrameResult::Ack(Err(error))
-                }
+        let result: PendingFuture = if self.state.app.config.message_store.kind
+            == StoreKind::Postgres
+        {
+            let task = tokio::spawn(future);
+            let is_send = matches!(frame, PendingFrame::Send { .. });
+            Box::pin(async move {
+                task.await.unwrap_or_else(|err| {
+                    tracing::error!(error = %err, "a send or ack task failed");
+                    let error = ApiError::new(ErrorCode::Internal, "the request failed; retry it");
+                    if is_send {
+                        FrameResult::Send(Err(error))
+                    } else {
+                        FrameResult::Ack(Err(error))
+                    }
+                })
             })
+        } else {
+            Box::pin(future)
         };
         let pending = self.pending.get_or_insert_with(|| {
             Box::new(PendingFrames {
@@ -563,7 +572,7 @@ impl Connection {
                 frames: VecDeque::new(),
             })
         });
-        pending.results.push_back(Box::pin(result));
+        pending.results.push_back(result);
         pending.frames.push_back(frame);
     }
 
