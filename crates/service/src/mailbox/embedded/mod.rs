@@ -128,6 +128,7 @@ impl EmbeddedMailbox {
         tuning: LogTuning,
     ) -> Result<Self, MailboxError> {
         std::fs::create_dir_all(dir).map_err(|err| io_error("create", dir, &err))?;
+        reject_earlier_format(dir)?;
         let lock = lock_dir(dir)?;
         let started = Instant::now();
         let recovered = recover(dir, &settings)?;
@@ -296,6 +297,21 @@ fn write_failed_error() -> MailboxError {
     MailboxError::Unavailable(
         "a write to disk failed, so the store accepts no more writes; restart the process".into(),
     )
+}
+
+/// Fails when `dir` holds the fjall store of routing-service versions
+/// before the append-only log, whose messages this version cannot read.
+/// Starting over it would hide those messages, so the start fails instead.
+fn reject_earlier_format(dir: &Path) -> Result<(), MailboxError> {
+    if dir.join("keyspaces").is_dir() && dir.join("version").is_file() {
+        return Err(MailboxError::Internal(format!(
+            "{} holds a mailbox in the format of an earlier routing-service version, \
+             which this version cannot read; deliver or export its messages with the \
+             earlier version, or set data_dir to an empty folder",
+            dir.display()
+        )));
+    }
+    Ok(())
 }
 
 /// Takes the directory's lock file, so two processes never write one log.

@@ -544,3 +544,27 @@ fn accepted_appends_survive_sigkill() {
         seqs.len()
     );
 }
+
+#[test]
+fn earlier_store_format_is_rejected() {
+    let dir = TempDir::new().expect("a temporary directory");
+    std::fs::create_dir(dir.path().join("keyspaces")).expect("the folder is created");
+    std::fs::write(dir.path().join("version"), b"3").expect("the file is written");
+
+    match EmbeddedMailbox::open(dir.path(), roomy_settings()) {
+        Err(MailboxError::Internal(message)) => {
+            assert!(
+                message.contains("earlier routing-service version"),
+                "{message}"
+            );
+        }
+        Err(other) => panic!("open failed with {other:?}"),
+        Ok(_) => panic!("a folder of the earlier format opened"),
+    }
+    assert!(
+        log::list_segments(dir.path())
+            .expect("the folder lists")
+            .is_empty(),
+        "open wrote segments next to the earlier store"
+    );
+}
