@@ -694,17 +694,22 @@ impl Index {
                 last_received_ms: state.last_received_ms,
             })?;
             for entry in &state.entries {
-                let record = state
+                // An expired message that `expire` has not deleted yet may
+                // have lost its dedupe record to a newer message with the
+                // same id. Its hash no longer matters, because the newer
+                // record comes later in the base segment and replaces the
+                // one that this append recreates.
+                let content_hash = state
                     .dedupe
                     .get(&entry.key)
                     .filter(|record| record.seq == entry.seq)
-                    .ok_or_else(|| super::log::corrupt("a stored message has no dedupe record"))?;
+                    .map_or(0, |record| record.content_hash);
                 let envelope = envelope(&entry.location)?;
                 let location = write(&Record::Append {
                     recipient,
                     seq: entry.seq,
                     received_at_ms: entry.received_at_ms,
-                    content_hash: record.content_hash,
+                    content_hash,
                     sender: entry.key.sender(),
                     message_id: entry.key.message_id(),
                     envelope: &envelope,

@@ -568,3 +568,54 @@ fn earlier_store_format_is_rejected() {
         "open wrote segments next to the earlier store"
     );
 }
+
+/// An expired message that `expire` has not deleted yet may lose its dedupe
+/// record to a new message with the same id. Compaction must still keep
+/// both messages' state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_after_dedupe_record_is_replaced() {
+    let dir = TempDir::new().expect("a temporary directory");
+    // The TTL leaves the second message seconds to be checked after the
+    // reopen.
+    let settings = MailboxSettings {
+        message_ttl: Duration::from_secs(3),
+        dedupe_window: Duration::from_millis(50),
+        ..roomy_settings()
+    };
+    with_timeout(async {
+        let mailbox = open_tiny(dir.path(), settings.clone());
+        append_new(&mailbox, message("bob", "alice", "m1", "first")).await;
+        tokio::time::sleep(Duration::from_millis(3100)).await;
+        // m1 is expired but still indexed, and its window has passed, so
+        // the same id is a new message.
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m1", "second")).await,
+            2
+        );
+
+        // Writes for another recipient, acknowledged at once, grow the log
+        // past twice the live bytes, so compactions run.
+        for index in 1..=60 {
+            let id = format!("c{index}");
+            append_new(&mailbox, message("carol", "alice", &id, &id)).await;
+            let acked = mailbox.ack(&address("carol"), AckTarget::UpTo(index)).await;
+            assert_eq!(acked.expect("ack succeeds"), 1);
+        }
+        let compactions = mailbox.shared.compactions.load(Ordering::Relaxed);
+        assert!(compactions >= 1, "no compaction ran");
+        mailbox.close().await;
+        drop(mailbox);
+
+        let mailbox = open_in(&dir, settings);
+        assert_eq!(stored_seqs(&mailbox, "bob").await, [2]);
+        assert_eq!(
+            mailbox
+                .append(message("bob", "alice", "m1", "second"))
+                .await
+                .expect("append succeeds"),
+            Appended::Duplicate { seq: 2 }
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
