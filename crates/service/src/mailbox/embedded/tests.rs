@@ -619,3 +619,52 @@ async fn compaction_after_dedupe_record_is_replaced() {
     })
     .await;
 }
+
+/// Each append here is its own synced group, so a bad record followed by
+/// later groups is damage, not a write cut by power loss. Open must fail
+/// instead of dropping the accepted messages after it and reusing their seqs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damage_inside_newest_segment_fails_open() {
+    let dir = TempDir::new().expect("a temporary directory");
+    with_timeout(async {
+        let mailbox = open_in(&dir, roomy_settings());
+        for id in ["m1", "m2", "m3", "m4", "m5"] {
+            append_new(&mailbox, message("bob", "alice", id, id)).await;
+        }
+        mailbox.close().await;
+        drop(mailbox);
+
+        // The five appends are the only records of the newest segment.
+        // Flip one byte inside the body of the second record.
+        let segments = segment_files(dir.path());
+        assert_eq!(segments.len(), 1, "segments: {segments:?}");
+        let path = segment_path(dir.path(), segments[0]);
+        let mut bytes = std::fs::read(&path).expect("the segment reads");
+        let first_start = HEADER_LEN as usize;
+        let first_len = u32::from_le_bytes(
+            bytes[first_start..first_start + 4]
+                .try_into()
+                .expect("4 bytes"),
+        ) as usize;
+        let second_body = first_start + log::FRAME_LEN + first_len + log::FRAME_LEN;
+        bytes[second_body + 4] ^= 0xff;
+        std::fs::write(&path, &bytes).expect("the segment is written");
+
+        match EmbeddedMailbox::open(dir.path(), roomy_settings()) {
+            Err(MailboxError::Internal(message)) => {
+                assert!(message.contains("damaged"), "{message}");
+            }
+            Err(other) => panic!("open failed with {other:?}"),
+            Ok(mailbox) => {
+                let stored = stored_seqs(&mailbox, "bob").await;
+                let next = append_new(&mailbox, message("bob", "alice", "m6", "m6")).await;
+                panic!(
+                    "open treated a damaged record with three whole records after it as a \
+                     torn write: stored seqs are {stored:?} of the accepted [1, 2, 3, 4, 5], \
+                     and the next append got seq {next} again"
+                );
+            }
+        }
+    })
+    .await;
+}
