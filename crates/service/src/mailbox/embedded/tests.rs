@@ -668,3 +668,38 @@ async fn damage_inside_newest_segment_fails_open() {
     })
     .await;
 }
+
+/// Every open starts a new head segment. Unless an open reuses a newest
+/// segment that has no records, each restart leaves one more file and one
+/// more open file handle until the next compaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reopen_without_writes_adds_no_segments() {
+    let dir = TempDir::new().expect("a temporary directory");
+    with_timeout(async {
+        let mailbox = open_in(&dir, roomy_settings());
+        append_new(&mailbox, message("bob", "alice", "m1", "m1")).await;
+        mailbox.close().await;
+        drop(mailbox);
+
+        for _ in 0..20 {
+            let mailbox = open_in(&dir, roomy_settings());
+            mailbox.close().await;
+            drop(mailbox);
+        }
+
+        let segments = segment_files(dir.path());
+        assert!(
+            segments.len() <= 2,
+            "{} segments after 21 opens with one append: {segments:?}",
+            segments.len()
+        );
+        let mailbox = open_in(&dir, roomy_settings());
+        let open_handles = read_lock(&mailbox.shared.files).len();
+        assert!(
+            open_handles <= 2,
+            "{open_handles} segment files are held open after 22 opens"
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
