@@ -1,5 +1,6 @@
 //! The embedded mailbox's files: numbered segment files of checksummed
-//! records, appended to and never rewritten.
+//! records. A segment is appended to and never rewritten; startup only
+//! cuts an interrupted write off the end of the newest one.
 //!
 //! A segment file is `<id>.seg`, with `id` a zero-padded decimal `u32`. It
 //! starts with a 16-byte header: [`SEGMENT_MAGIC`], then one byte for the
@@ -454,6 +455,35 @@ pub(super) fn scan_segment(
         valid_len: offset,
         file_len,
     })
+}
+
+/// Returns the offset of the first whole, valid record that starts after
+/// `from` in the segment at `path`, if any.
+///
+/// An interrupted write leaves an incomplete record and nothing valid after
+/// it, so a valid record there means the bytes at `from` were damaged after
+/// they were written.
+pub(super) fn find_record_after(path: &Path, from: u64) -> Result<Option<u64>, MailboxError> {
+    let bytes = std::fs::read(path).map_err(|err| io_error("read", path, &err))?;
+    let start = usize::try_from(from)
+        .unwrap_or(usize::MAX)
+        .saturating_add(1);
+    for at in start..bytes.len().saturating_sub(FRAME_LEN) {
+        let length = u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes")) as usize;
+        let body_start = at + FRAME_LEN;
+        if length == 0 || length > MAX_RECORD_BYTES || length > bytes.len() - body_start {
+            continue;
+        }
+        let body = &bytes[body_start..body_start + length];
+        if !(APPEND..=DEDUPE).contains(&body[0]) {
+            continue;
+        }
+        let checksum = u32::from_le_bytes(bytes[at + 4..body_start].try_into().expect("4 bytes"));
+        if crc32fast::hash(body) == checksum {
+            return Ok(Some(at as u64));
+        }
+    }
+    Ok(None)
 }
 
 /// Reads until `buffer` is full or the end of the file; returns the bytes read.

@@ -145,7 +145,7 @@ impl EmbeddedMailbox {
             dir: dir.to_path_buf(),
             segment: recovered.head_segment,
             file: recovered.head_file,
-            len: HEADER_LEN,
+            len: recovered.head_len,
             log_bytes: recovered.writer_log_bytes,
             tuning,
             compact_at: tuning.compact_min_bytes,
@@ -396,6 +396,8 @@ struct Recovered {
     files: HashMap<u32, Arc<File>>,
     head_segment: u32,
     head_file: File,
+    /// Bytes in the head segment.
+    head_len: u64,
     writer_log_bytes: u64,
 }
 
@@ -416,6 +418,7 @@ fn recover(dir: &Path, settings: &MailboxSettings) -> Result<Recovered, MailboxE
     let mut index = Index::new(settings);
     let mut files = HashMap::new();
     let mut log_bytes = 0;
+    let mut empty_log_segment = None;
     for (position, &id) in ids.iter().enumerate() {
         let path = segment_path(dir, id);
         let end = log::scan_segment(&path, |scanned| {
@@ -440,6 +443,17 @@ fn recover(dir: &Path, settings: &MailboxSettings) -> Result<Recovered, MailboxE
                     end.valid_len
                 )));
             }
+            if let Some(next) = log::find_record_after(&path, end.valid_len)? {
+                return Err(corrupt(&format!(
+                    "{} is damaged at byte {}, and a whole record follows at byte {next}, \
+                     so this is not an interrupted write. To start without the records \
+                     from byte {} on, truncate the file to {} bytes",
+                    path.display(),
+                    end.valid_len,
+                    end.valid_len,
+                    end.valid_len
+                )));
+            }
             tracing::warn!(
                 path = %path.display(),
                 discarded_bytes = end.file_len - end.valid_len,
@@ -448,9 +462,32 @@ fn recover(dir: &Path, settings: &MailboxSettings) -> Result<Recovered, MailboxE
             truncate(&path, end.valid_len)?;
         }
         log_bytes += end.valid_len;
+        if end.valid_len == HEADER_LEN && log::read_kind(&path)? == SegmentKind::Log {
+            empty_log_segment = Some(id);
+        }
         files.insert(id, Arc::new(open_for_reads(&path)?));
     }
     index.finish_replay();
+
+    // A newest log segment without records (the process stopped before its
+    // first write) becomes the head again, so restarts add no files.
+    if let Some(&last) = ids.last()
+        && empty_log_segment == Some(last)
+    {
+        let path = segment_path(dir, last);
+        let head_file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(|err| io_error("open", &path, &err))?;
+        return Ok(Recovered {
+            index,
+            files,
+            head_segment: last,
+            head_file,
+            head_len: HEADER_LEN,
+            writer_log_bytes: log_bytes,
+        });
+    }
 
     let head_segment = match ids.last() {
         Some(&last) => last
@@ -468,6 +505,7 @@ fn recover(dir: &Path, settings: &MailboxSettings) -> Result<Recovered, MailboxE
         files,
         head_segment,
         head_file,
+        head_len: HEADER_LEN,
         writer_log_bytes: log_bytes + HEADER_LEN,
     })
 }
