@@ -13,11 +13,17 @@ use std::sync::Arc;
 use super::super::{
     AckTarget, Appended, MailboxError, MailboxSettings, NewMessage, duration_millis,
 };
-use super::log::{Record, fits_short};
+use super::log::{MAX_RECORD_BYTES, Record, fits_short};
 
 /// Maximum message id length, in bytes, that the store accepts. The HTTP layer
 /// allows 128 characters, so this only stops a caller bug.
 pub(super) const MAX_MESSAGE_ID_BYTES: usize = 1024;
+
+/// Maximum envelope length, in bytes, that the store accepts: a record
+/// with the longest addresses and id still fits [`MAX_RECORD_BYTES`].
+/// `limits.max_envelope_bytes` is at most 16 MiB, so this only stops a
+/// caller bug.
+const MAX_ENVELOPE_BYTES: usize = MAX_RECORD_BYTES - (1 << 20);
 
 /// The position of an envelope's bytes in the segment files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -354,6 +360,13 @@ impl Index {
             return Err(MailboxError::Internal(format!(
                 "a recipient, sender or message id is longer than the store accepts \
                  ({MAX_MESSAGE_ID_BYTES} bytes for ids)"
+            )));
+        }
+        // Startup rejects longer records as damage, so none may be written.
+        if message.envelope_json.len() > MAX_ENVELOPE_BYTES {
+            return Err(MailboxError::Internal(format!(
+                "the envelope is {} bytes; the store accepts at most {MAX_ENVELOPE_BYTES}",
+                message.envelope_json.len()
             )));
         }
         let key_text = DedupeKey::join(sender, &message.message_id);

@@ -851,8 +851,12 @@ impl LogWriter {
             }
         };
         let base_path = segment_path(&self.dir, base);
-        std::fs::rename(&temporary, &base_path)
-            .map_err(|err| io_error("rename", &temporary, &err))?;
+        if let Err(err) = std::fs::rename(&temporary, &base_path) {
+            // A leftover file would make every later compaction fail to
+            // create it.
+            let _ = std::fs::remove_file(&temporary);
+            return Err(io_error("rename", &temporary, &err));
+        }
 
         // From here on the base segment replaces the older ones at the next
         // startup, so a failure must stop writes to the old head segment.

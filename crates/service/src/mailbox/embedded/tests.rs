@@ -703,3 +703,30 @@ async fn reopen_without_writes_adds_no_segments() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelope_longer_than_a_record_is_rejected() {
+    let dir = TempDir::new().expect("a temporary directory");
+    with_timeout(async {
+        let mailbox = open_in(&dir, roomy_settings());
+        let mut oversized = message("bob", "alice", "m1", "m1");
+        oversized.envelope_json = "x".repeat(log::MAX_RECORD_BYTES).into();
+        let appended = mailbox.append(oversized).await;
+        assert!(
+            matches!(appended, Err(MailboxError::Internal(_))),
+            "append returned {appended:?}"
+        );
+        assert!(stored_seqs(&mailbox, "bob").await.is_empty());
+        mailbox.close().await;
+        drop(mailbox);
+
+        // Nothing was written that startup would reject.
+        let mailbox = open_in(&dir, roomy_settings());
+        assert_eq!(
+            append_new(&mailbox, message("bob", "alice", "m2", "m2")).await,
+            1
+        );
+        mailbox.close().await;
+    })
+    .await;
+}
