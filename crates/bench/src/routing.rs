@@ -437,7 +437,7 @@ impl Schedule<'_> {
     ///
     /// At a fixed rate the send time is the time the message was due, not
     /// the time it went out. A sender that falls behind its pace (because
-    /// the server answers slowly) therefore counts the wait in the latency,
+    /// the server responds slowly) therefore counts the wait in the latency,
     /// as a client at that rate would see it.
     pub(crate) async fn next(&self, counter: u64) -> Option<(&str, u64)> {
         let recipients = &self.plan.recipients;

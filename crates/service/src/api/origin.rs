@@ -15,7 +15,7 @@ use tower::{Layer, Service};
 use super::OriginPolicy;
 
 /// Rejects with 403 a request whose `Origin` header is present and not in
-/// `cors.allowed_origins`, before the inner service sees it.
+/// `cors.allowed_origins`, before the inner service receives it.
 #[derive(Debug, Clone)]
 pub struct OriginCheckLayer {
     policy: Arc<OriginPolicy>,

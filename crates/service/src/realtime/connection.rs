@@ -132,7 +132,7 @@ impl Timers {
             next_ping: now + ping_interval,
             ping_interval,
             // The first resync catches messages routed with a cached
-            // presence answer from before this connection registered.
+            // presence lookup from before this connection registered.
             next_resync: now + LOOKUP_CACHE_TTL + RESYNC_MARGIN,
             resync_interval,
         }
@@ -535,11 +535,10 @@ impl Connection {
 
     /// Queues a send or ack for a reply, in arrival order.
     ///
-    /// With the PostgreSQL mailbox the call runs as its own task: it may
-    /// hold a pooled database connection, and this connection may itself
-    /// wait for the pool (a backlog read) before it polls its pending
-    /// frames again, so with many connections the pool would run dry until
-    /// its acquire timeout. The embedded mailbox holds nothing for a call
+    /// With the PostgreSQL mailbox the call runs as its own task, because it
+    /// may hold a pooled database connection while this connection waits
+    /// for the pool itself (a backlog read) without polling it. With many
+    /// connections the pool would then run dry until its acquire timeout. The embedded mailbox holds nothing for a call
     /// that is not polled, so there the connection polls its calls itself,
     /// which costs less CPU than a task per frame.
     fn push_pending(

@@ -442,8 +442,8 @@ async fn ack_by_ids_opens_the_window() {
     app.stop().await;
 }
 
-/// Sends written back to back, without waiting for `sent`, are answered in
-/// the order they were written and stored in that order per recipient.
+/// Sends written back to back, without waiting for `sent`, get their replies
+/// in the order they were written and stored in that order per recipient.
 #[tokio::test]
 async fn websocket_sends_without_waiting_keep_order() {
     const SENDS: usize = 150;

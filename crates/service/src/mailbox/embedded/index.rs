@@ -254,7 +254,7 @@ impl Index {
             .expect("the recipient was just inserted")
     }
 
-    /// Whether `seq` is stored for `state` and not expired.
+    /// Returns whether `seq` is stored for `state` and not expired.
     fn is_stored(&self, state: &RecipientState, seq: u64, now_ms: u64) -> bool {
         state
             .position(seq)
@@ -444,11 +444,7 @@ impl Index {
                 if state.entries.front().is_none_or(|entry| entry.seq > last) {
                     return 0;
                 }
-                log.push(&Record::DeleteUpTo {
-                    recipient,
-                    up_to: last,
-                });
-                self.delete_up_to(recipient, last, now_ms)
+                self.log_delete_up_to(log, recipient, last, now_ms)
             }
             AckTarget::Ids(ids) => {
                 // NOTE: this scans the recipient's stored messages once per
@@ -481,27 +477,17 @@ impl Index {
     /// records whose window has passed and whose message is gone. Returns
     /// how many messages were deleted.
     pub(super) fn expire(&mut self, log: &mut GroupLog, now_ms: u64) -> u64 {
-        // Expired messages form a prefix of each mailbox because
-        // `received_at_ms` never decreases with seq.
         let due: Vec<(Arc<str>, u64)> = self
             .recipients
             .values()
             .filter_map(|state| {
-                let expired = state
-                    .entries
-                    .iter()
-                    .take_while(|entry| self.is_expired(entry.received_at_ms, now_ms))
-                    .last()?;
-                Some((Arc::clone(&state.name), expired.seq))
+                let up_to = self.last_expired_seq(state, now_ms)?;
+                Some((Arc::clone(&state.name), up_to))
             })
             .collect();
         let mut expired = 0;
         for (recipient, up_to) in due {
-            log.push(&Record::DeleteUpTo {
-                recipient: &recipient,
-                up_to,
-            });
-            expired += self.delete_up_to(&recipient, up_to, now_ms);
+            expired += self.log_delete_up_to(log, &recipient, up_to, now_ms);
         }
         self.sweep_dedupe(now_ms);
         expired
@@ -512,20 +498,33 @@ impl Index {
         let Some(state) = self.recipients.get(recipient) else {
             return;
         };
-        let Some(last_expired) = state
+        if let Some(up_to) = self.last_expired_seq(state, now_ms) {
+            self.log_delete_up_to(log, recipient, up_to, now_ms);
+        }
+    }
+
+    /// Returns the seq of the last expired message of a mailbox. Expired
+    /// messages form a prefix because `received_at_ms` never decreases with
+    /// seq.
+    fn last_expired_seq(&self, state: &RecipientState, now_ms: u64) -> Option<u64> {
+        state
             .entries
             .iter()
             .take_while(|entry| self.is_expired(entry.received_at_ms, now_ms))
             .last()
             .map(|entry| entry.seq)
-        else {
-            return;
-        };
-        log.push(&Record::DeleteUpTo {
-            recipient,
-            up_to: last_expired,
-        });
-        self.delete_up_to(recipient, last_expired, now_ms);
+    }
+
+    /// Logs and applies the deletion of a recipient's messages up to `up_to`.
+    fn log_delete_up_to(
+        &mut self,
+        log: &mut GroupLog,
+        recipient: &str,
+        up_to: u64,
+        now_ms: u64,
+    ) -> u64 {
+        log.push(&Record::DeleteUpTo { recipient, up_to });
+        self.delete_up_to(recipient, up_to, now_ms)
     }
 
     /// Drops dedupe records whose window has passed and whose message is no

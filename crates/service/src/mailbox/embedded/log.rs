@@ -34,7 +34,7 @@ pub(super) const MAX_RECORD_BYTES: usize = 64 << 20;
 
 const SEGMENT_EXTENSION: &str = "seg";
 
-/// What a segment holds.
+/// The kind of records a segment contains.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SegmentKind {
     /// Records of operations, in the order they were committed.
@@ -230,7 +230,7 @@ pub(super) fn decode(body: &[u8]) -> Result<(Record<'_>, Option<usize>), Mailbox
     Ok((record, envelope_start))
 }
 
-/// Whether a string fits a record's u16 length field.
+/// Returns whether a string fits a record's u16 length field.
 pub(super) fn fits_short(value: &str) -> bool {
     value.len() <= usize::from(u16::MAX)
 }
@@ -394,7 +394,7 @@ fn parse_header(header: &[u8; HEADER_LEN as usize]) -> Option<SegmentKind> {
     }
 }
 
-/// How a segment scan ended.
+/// The position where a segment scan stopped.
 pub(super) struct ScanEnd {
     /// Bytes of whole, valid records plus the header.
     pub valid_len: u64,
@@ -612,7 +612,7 @@ mod tests {
 
         let mut seen = Vec::new();
         let end = scan_segment(&path, |record| {
-            seen.push(decode(record.body)?.0.clone_up_to());
+            seen.push(decode(record.body)?.0.up_to());
             Ok(())
         })
         .expect("the scan succeeds");
@@ -622,7 +622,7 @@ mod tests {
     }
 
     impl Record<'_> {
-        fn clone_up_to(&self) -> u64 {
+        fn up_to(&self) -> u64 {
             match self {
                 Record::DeleteUpTo { up_to, .. } => *up_to,
                 _ => panic!("not a delete record"),

@@ -114,8 +114,8 @@ impl EmbeddedMailbox {
     /// Opens or creates the mailbox in `dir`, replays its files and starts
     /// its writer thread.
     ///
-    /// Fails with [`MailboxError::Unavailable`] when another process holds
-    /// the directory, and with [`MailboxError::Internal`] when the files
+    /// Fails with [`MailboxError::Unavailable`] when another process has
+    /// the directory locked, and with [`MailboxError::Internal`] when the files
     /// cannot be read or are damaged before their last record.
     pub fn open(dir: &Path, settings: MailboxSettings) -> Result<Self, MailboxError> {
         Self::open_tuned(dir, settings, LogTuning::default())
@@ -299,7 +299,7 @@ fn write_failed_error() -> MailboxError {
     )
 }
 
-/// Fails when `dir` holds the fjall store of routing-service versions
+/// Fails when `dir` contains the fjall store of routing-service versions
 /// before the append-only log, whose messages this version cannot read.
 /// Starting over it would hide those messages, so the start fails instead.
 fn reject_earlier_format(dir: &Path) -> Result<(), MailboxError> {
