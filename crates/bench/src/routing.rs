@@ -445,7 +445,11 @@ impl Schedule<'_> {
             Workload::Timed { deadline, period } => {
                 let mut sent_ns = None;
                 if let Some(period) = period {
-                    let due = self.start + period.mul_f64(counter as f64);
+                    // Senders are offset by a fraction of the period each, so
+                    // the run sends evenly spaced messages rather than one
+                    // burst from every sender at once per period.
+                    let phase = self.index as f64 / self.plan.senders as f64;
+                    let due = self.start + period.mul_f64(counter as f64 + phase);
                     tokio::time::sleep_until(due.into()).await;
                     sent_ns = Some(payload::ns_at(due));
                 }
