@@ -106,3 +106,50 @@ async fn idle_sockets_keep_api_reachable() {
     drop(idle);
     app.stop().await;
 }
+
+/// Cluster mode: a message stored without a live publish (its API instance
+/// routed it with a cached "offline" lookup) leaves a gap before the next
+/// live message. The connection keeps the later message only briefly, then
+/// reads both from the mailbox, in order, before the first resync would.
+#[tokio::test]
+async fn unpublished_gap_fills_before_resync() {
+    let cluster = Cluster::new();
+    let api_cached = cluster.start("[api]").await;
+    let api_fresh = cluster.start("[api]").await;
+    let ws = cluster.start("[websocket]").await;
+
+    let alice_cached = crate::binary::client(&api_cached, "alice");
+    let alice_fresh = crate::binary::client(&api_fresh, "alice");
+    let started = Instant::now();
+    // The first send fills api_cached's lookup cache with "bob is offline".
+    alice_cached
+        .send(&envelope_with_id("bob", "QUFB", "g1"))
+        .await
+        .unwrap();
+    let mut bob = connect(&crate::binary::client(&ws, "bob")).await;
+    let connected = Instant::now();
+    assert_eq!(next_message(&mut bob).await.0, 1);
+    alice_cached
+        .send(&envelope_with_id("bob", "QUFB", "g2"))
+        .await
+        .unwrap();
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "precondition: g2 was routed with the cached lookup, so it was not published"
+    );
+    alice_fresh
+        .send(&envelope_with_id("bob", "QUFB", "g3"))
+        .await
+        .unwrap();
+
+    let second = next_message(&mut bob).await.0;
+    let third = next_message(&mut bob).await.0;
+    let waited = connected.elapsed();
+    cluster.remove().await;
+    assert_eq!((second, third), (2, 3), "the gap is filled in seq order");
+    // The first resync runs 1.25 s after the connection opened.
+    assert!(
+        waited < Duration::from_millis(1_200),
+        "seq 3 waited for the resync ({waited:?}) instead of the short gap wait"
+    );
+}
