@@ -491,6 +491,9 @@ impl Connection {
     }
 
     async fn send_backlog_page(&mut self) -> Result<(), Closing> {
+        // Out-of-order messages are stored, so reading on to the end of the
+        // mailbox delivers them too.
+        self.out_of_order = None;
         let max_envelope = self.state.app.config.limits.max_envelope_bytes;
         let limit = self
             .window_room()
