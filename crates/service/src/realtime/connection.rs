@@ -15,7 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use routing_protocol::frame::{close_code, message_frame_json};
 use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
@@ -110,31 +110,23 @@ enum DeliveryPath {
 }
 
 /// The deadlines a connection waits for besides its socket and signals,
-/// served by one timer.
+/// served by one timer. The intervals are read from the configuration.
 struct Timers {
     /// When the token's `exp` passes.
     token_deadline: tokio::time::Instant,
     next_ping: tokio::time::Instant,
-    ping_interval: Duration,
     next_resync: tokio::time::Instant,
-    resync_interval: Duration,
 }
 
 impl Timers {
-    fn new(
-        token_deadline: tokio::time::Instant,
-        ping_interval: Duration,
-        resync_interval: Duration,
-    ) -> Self {
+    fn new(token_deadline: tokio::time::Instant, ping_interval: Duration) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             token_deadline,
             next_ping: now + ping_interval,
-            ping_interval,
             // The first resync catches messages routed with a cached
             // presence lookup from before this connection registered.
             next_resync: now + LOOKUP_CACHE_TTL + RESYNC_MARGIN,
-            resync_interval,
         }
     }
 
@@ -151,10 +143,16 @@ impl Timers {
     }
 }
 
+/// Everything a connection keeps while it is open. Its task's future holds
+/// this struct once, next to the timer. The socket is not split, because a
+/// split moves it behind a shared lock of its own. The user is read from
+/// the registration, and the connection id is formatted only where it is
+/// sent or logged.
 struct Connection {
+    socket: WebSocket,
+    registration: Registration,
     state: RealtimeState,
-    user: Address,
-    sink: SplitSink<WebSocket, Message>,
+    timers: Timers,
     /// Created at the first `send` or `ack`, so idle connections do not carry it.
     pending: Option<Box<PendingFrames>>,
     /// Seqs written and not yet acknowledged, oldest first.
@@ -170,27 +168,23 @@ struct Connection {
 
 /// Runs a connection until the client leaves, the token expires, or the
 /// server shuts down.
-pub async fn run(
+pub fn run(
     socket: WebSocket,
     identity: Identity,
     registration: Registration,
     state: RealtimeState,
-) {
-    let connection_id = format!("{}-{}", state.instance_id, registration.id());
-    let user = identity.user.clone();
-    let (sink, mut stream) = socket.split();
-
-    metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
-    let presence = state.app.router.presence().clone();
-    if let Err(err) = presence.register(&user, &state.instance_id).await {
-        tracing::warn!(error = %err, "presence register failed; live delivery to this connection may lag");
-    }
-    tracing::debug!(user = %user, connection_id, "connection opened");
-
+) -> impl Future<Output = ()> + Send + 'static {
+    // The leeway applies when a token is checked, not here: the contract
+    // closes the connection when `exp` passes on this server's clock.
+    let timers = Timers::new(
+        deadline_at(identity.expires_at),
+        state.app.config.websocket.ping_interval,
+    );
     let mut connection = Connection {
-        state: state.clone(),
-        user: user.clone(),
-        sink,
+        socket,
+        registration,
+        state,
+        timers,
         pending: None,
         in_flight: VecDeque::new(),
         sent_through: 0,
@@ -200,47 +194,61 @@ pub async fn run(
         last_seen: Instant::now(),
         backlog_retry_at: None,
     };
-    let closing = connection
-        .serve(&mut stream, registration, &identity, &connection_id)
-        .await;
-    connection.close(closing, &mut stream).await;
-
-    if let Err(err) = presence.unregister(&user, &state.instance_id).await {
-        tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
-    }
-    metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
-    tracing::debug!(user = %user, connection_id, "connection closed");
+    // An async block that captures the connection keeps it in place, while
+    // an `async fn` taking `mut self` would hold a second copy of it.
+    async move { connection.run().await }
 }
 
 impl Connection {
-    async fn serve(
-        &mut self,
-        stream: &mut SplitStream<WebSocket>,
-        registration: Registration,
-        identity: &Identity,
-        connection_id: &str,
-    ) -> Closing {
+    async fn run(&mut self) {
+        metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
+        let presence = self.state.app.router.presence().clone();
+        let user = self.registration.user();
+        if let Err(err) = presence.register(user, &self.state.instance_id).await {
+            tracing::warn!(error = %err, "presence register failed; live delivery to this connection may lag");
+        }
+        tracing::debug!(user = %user, connection_id = self.connection_id(), "connection opened");
+
+        let closing = self.serve().await;
+        // Boxed, because closing runs once and its write futures are large.
+        Box::pin(self.close(closing)).await;
+
+        let user = self.registration.user();
+        if let Err(err) = presence.unregister(user, &self.state.instance_id).await {
+            tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
+        }
+        metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
+        tracing::debug!(user = %user, connection_id = self.connection_id(), "connection closed");
+    }
+
+    /// Formats the id sent in the welcome frame from the instance id and
+    /// the hub-wide id.
+    fn connection_id(&self) -> String {
+        format!("{}-{}", self.state.instance_id, self.registration.id())
+    }
+
+    /// Writes the welcome frame. The caller boxes this future, so the frame
+    /// and the write futures do not grow the future that every idle
+    /// connection keeps.
+    async fn send_welcome(&mut self) -> Result<(), Closing> {
         let welcome = ServerFrame::Welcome {
-            user_id: self.user.as_str().to_owned(),
-            connection_id: connection_id.to_owned(),
+            user_id: self.registration.user().as_str().to_owned(),
+            connection_id: self.connection_id(),
         };
-        if let Err(closing) = self.write_frame(&welcome).await {
+        self.write_frame(&welcome).await
+    }
+
+    async fn serve(&mut self) -> Closing {
+        if let Err(closing) = Box::pin(self.send_welcome()).await {
             return closing;
         }
 
-        // The leeway applies when a token is checked, not here: the contract
-        // closes the connection when `exp` passes on this server's clock.
-        let mut timers = Timers::new(
-            deadline_at(identity.expires_at),
-            self.state.app.config.websocket.ping_interval,
-            self.state.app.config.websocket.resync_interval,
-        );
         // One timer and one shutdown waiter stay registered across the loop,
         // so a delivered message does not register and remove them again.
-        let timer = tokio::time::sleep_until(timers.next_deadline(None));
+        let timer = tokio::time::sleep_until(self.timers.next_deadline(None));
         let shutdown = self.state.shutdown.clone();
         let cancelled = shutdown.cancelled();
-        let signals = registration.signals.clone();
+        let signals = self.registration.signals.clone();
         let notified = signals.notify.notified();
         tokio::pin!(timer, cancelled, notified);
 
@@ -250,10 +258,10 @@ impl Connection {
             let step = tokio::select! {
                 biased;
                 () = &mut cancelled => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
-                () = &mut timer => Box::pin(self.on_timer(&mut timers)).await,
+                () = &mut timer => Box::pin(self.on_timer()).await,
                 // Boxed, so the rarely taken, deep paths (a send goes through the
                 // router and the store) do not grow every idle connection's task.
-                incoming = stream.next(), if pending < MAX_PENDING_FRAMES => {
+                incoming = self.socket.next(), if pending < MAX_PENDING_FRAMES => {
                     Box::pin(self.on_incoming(incoming)).await
                 }
                 Some(result) = next_result(&mut self.pending), if pending > 0 => {
@@ -271,7 +279,7 @@ impl Connection {
             if let Err(closing) = step {
                 return closing;
             }
-            let deadline = timers.next_deadline(self.backlog_retry_at);
+            let deadline = self.timers.next_deadline(self.backlog_retry_at);
             if timer.is_elapsed() || timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
@@ -280,17 +288,19 @@ impl Connection {
 
     /// Handles every timer that is due: token expiry, ping, resync and the
     /// backlog retry.
-    async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), Closing> {
+    async fn on_timer(&mut self) -> Result<(), Closing> {
         let now = tokio::time::Instant::now();
-        if now >= timers.token_deadline {
+        if now >= self.timers.token_deadline {
             return Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"));
         }
-        if now >= timers.next_ping {
-            timers.next_ping = now + timers.ping_interval;
-            self.on_ping_tick(timers.ping_interval).await?;
+        let websocket = &self.state.app.config.websocket;
+        let (ping_interval, resync_interval) = (websocket.ping_interval, websocket.resync_interval);
+        if now >= self.timers.next_ping {
+            self.timers.next_ping = now + ping_interval;
+            self.on_ping_tick(ping_interval).await?;
         }
-        if now >= timers.next_resync {
-            timers.next_resync = now + timers.resync_interval;
+        if now >= self.timers.next_resync {
+            self.timers.next_resync = now + resync_interval;
             // An ack event lost on the bus leaves the window full, so the
             // resync also rechecks what is still in flight.
             self.drop_deleted_in_flight().await;
@@ -344,7 +354,10 @@ impl Connection {
             .min(self.state.app.config.websocket.max_unacked)
             .min(crate::api::messages::page_messages(max_envelope));
         let router = &self.state.app.router;
-        let Ok(stored) = router.read(&self.user, first - 1, limit).await else {
+        let Ok(stored) = router
+            .read(self.registration.user(), first - 1, limit)
+            .await
+        else {
             // The window stays as it is until the next ack or resync.
             return;
         };
@@ -399,7 +412,7 @@ impl Connection {
             .state
             .app
             .router
-            .read(&self.user, self.sent_through, limit)
+            .read(self.registration.user(), self.sent_through, limit)
             .await
         {
             Ok(messages) => messages,
@@ -521,7 +534,7 @@ impl Connection {
     /// Starts an ack through the router; the window opens when it succeeds.
     fn on_ack(&mut self, up_to_seq: u64) {
         let router = std::sync::Arc::clone(&self.state.app.router);
-        let user = self.user.clone();
+        let user = self.registration.user().clone();
         let future =
             async move { FrameResult::Ack(router.ack(&user, AckTarget::UpTo(up_to_seq)).await) };
         self.push_pending(future, PendingFrame::Ack { up_to_seq });
@@ -594,7 +607,7 @@ impl Connection {
         }
 
         let router = std::sync::Arc::clone(&self.state.app.router);
-        let user = self.user.clone();
+        let user = self.registration.user().clone();
         let future = async move { FrameResult::Send(router.accept(&user, envelope).await) };
         self.push_pending(
             future,
@@ -682,7 +695,7 @@ impl Connection {
     /// Queues a frame; a socket that stays full for `write_timeout` is a slow consumer.
     async fn write(&mut self, message: Message) -> Result<(), Closing> {
         let timeout = self.state.app.config.websocket.write_timeout;
-        match tokio::time::timeout(timeout, self.sink.feed(message)).await {
+        match tokio::time::timeout(timeout, self.socket.feed(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::gone()),
             Err(_) => Err(Closing::new(close_code::SLOW_CONSUMER, "slow consumer")),
@@ -691,7 +704,7 @@ impl Connection {
 
     async fn flush(&mut self) -> Result<(), Closing> {
         let timeout = self.state.app.config.websocket.write_timeout;
-        match tokio::time::timeout(timeout, self.sink.flush()).await {
+        match tokio::time::timeout(timeout, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::gone()),
             Err(_) => Err(Closing::new(close_code::SLOW_CONSUMER, "slow consumer")),
@@ -702,7 +715,7 @@ impl Connection {
     /// arrives. Closing the socket with client data unread makes the kernel
     /// send a reset, which discards the close frame before the client reads
     /// its code.
-    async fn close(&mut self, closing: Closing, stream: &mut SplitStream<WebSocket>) {
+    async fn close(&mut self, closing: Closing) {
         if closing.code == 0 {
             return;
         }
@@ -718,12 +731,13 @@ impl Connection {
             code: closing.code,
             reason: Utf8Bytes::from_static(closing.reason),
         };
-        let sent = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame))));
+        let sent =
+            tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame))));
         if !matches!(sent.await, Ok(Ok(()))) {
             return;
         }
         let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-            while let Some(Ok(message)) = stream.next().await {
+            while let Some(Ok(message)) = self.socket.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }
