@@ -11,7 +11,9 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
@@ -19,15 +21,16 @@ use futures_util::stream::FuturesOrdered;
 use futures_util::{SinkExt, StreamExt};
 use routing_protocol::frame::{close_code, message_frame_json};
 use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
+use tokio_util::sync::CancellationToken;
 
 use super::RealtimeState;
-use super::hub::{LiveMessage, Registration, Signals};
+use super::hub::{LiveMessage, Registration};
 use crate::auth::Identity;
-use crate::config::StoreKind;
+use crate::config::{Config, StoreKind};
 use crate::error::ApiError;
 use crate::mailbox::AckTarget;
-use crate::presence::LOOKUP_CACHE_TTL;
-use crate::router::{Accepted, format_received_at, unix_millis};
+use crate::presence::{InstanceId, LOOKUP_CACHE_TTL};
+use crate::router::{Accepted, Router, format_received_at, unix_millis};
 use crate::telemetry;
 
 /// The latest token-expiry deadline a connection sets; a later `exp` is
@@ -109,6 +112,16 @@ enum DeliveryPath {
     Backlog,
 }
 
+/// A source that is ready, handled next by the connection loop.
+enum Event {
+    Shutdown,
+    Timer,
+    Incoming(Option<Result<Message, axum::Error>>),
+    Reply(FrameResult),
+    Signals,
+    Backlog,
+}
+
 /// The deadlines a connection waits for besides its socket and signals,
 /// served by one timer. The intervals are read from the configuration.
 struct Timers {
@@ -143,15 +156,20 @@ impl Timers {
     }
 }
 
-/// Everything a connection keeps while it is open. Its task's future holds
-/// this struct once, next to the timer. The socket is not split, because a
+/// Everything a connection keeps while it is open. Its task's future
+/// contains this struct once, next to the timer. The socket is not split, because a
 /// split moves it behind a shared lock of its own. The user is read from
 /// the registration, and the connection id is formatted only where it is
 /// sent or logged.
 struct Connection {
     socket: WebSocket,
     registration: Registration,
-    state: RealtimeState,
+    router: Arc<Router>,
+    config: Arc<Config>,
+    instance_id: InstanceId,
+    /// Checked whenever the connection wakes. The server wakes every
+    /// connection through the hub after cancelling it.
+    shutdown: CancellationToken,
     timers: Timers,
     /// Created at the first `send` or `ack`, so idle connections do not carry it.
     pending: Option<Box<PendingFrames>>,
@@ -183,7 +201,10 @@ pub fn run(
     let mut connection = Connection {
         socket,
         registration,
-        state,
+        router: state.app.router,
+        config: state.app.config,
+        instance_id: state.instance_id,
+        shutdown: state.shutdown,
         timers,
         pending: None,
         in_flight: VecDeque::new(),
@@ -196,25 +217,40 @@ pub fn run(
     };
     // An async block that captures the connection keeps it in place, while
     // an `async fn` taking `mut self` would hold a second copy of it.
-    async move { connection.run().await }
+    async move {
+        connection.open().await;
+        let closing = connection.serve().await;
+        // Boxed, because closing runs once and its write futures are large.
+        Box::pin(connection.close(closing)).await;
+        connection.finish().await;
+    }
 }
 
 impl Connection {
-    async fn run(&mut self) {
+    /// Counts the connection and registers its user in presence.
+    async fn open(&mut self) {
         metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
-        let presence = self.state.app.router.presence().clone();
         let user = self.registration.user();
-        if let Err(err) = presence.register(user, &self.state.instance_id).await {
+        if let Err(err) = self
+            .router
+            .presence()
+            .register(user, &self.instance_id)
+            .await
+        {
             tracing::warn!(error = %err, "presence register failed; live delivery to this connection may lag");
         }
         tracing::debug!(user = %user, connection_id = self.connection_id(), "connection opened");
+    }
 
-        let closing = self.serve().await;
-        // Boxed, because closing runs once and its write futures are large.
-        Box::pin(self.close(closing)).await;
-
+    /// Removes the user from presence and stops counting the connection.
+    async fn finish(&mut self) {
         let user = self.registration.user();
-        if let Err(err) = presence.unregister(user, &self.state.instance_id).await {
+        if let Err(err) = self
+            .router
+            .presence()
+            .unregister(user, &self.instance_id)
+            .await
+        {
             tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
         }
         metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
@@ -224,7 +260,7 @@ impl Connection {
     /// Formats the id sent in the welcome frame from the instance id and
     /// the hub-wide id.
     fn connection_id(&self) -> String {
-        format!("{}-{}", self.state.instance_id, self.registration.id())
+        format!("{}-{}", self.instance_id, self.registration.id())
     }
 
     /// Writes the welcome frame. The caller boxes this future, so the frame
@@ -243,40 +279,14 @@ impl Connection {
             return closing;
         }
 
-        // One timer and one shutdown waiter stay registered across the loop,
-        // so a delivered message does not register and remove them again.
+        // One timer stays registered across the loop, so a delivered
+        // message does not register and remove it again.
         let timer = tokio::time::sleep_until(self.timers.next_deadline(None));
-        let shutdown = self.state.shutdown.clone();
-        let cancelled = shutdown.cancelled();
-        let signals = self.registration.signals.clone();
-        let notified = signals.notify.notified();
-        tokio::pin!(timer, cancelled, notified);
+        tokio::pin!(timer);
 
         loop {
-            let wants_backlog = self.catching_up && self.window_room() > 0;
-            let pending = self.pending_count();
-            let step = tokio::select! {
-                biased;
-                () = &mut cancelled => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
-                () = &mut timer => Box::pin(self.on_timer()).await,
-                // Boxed, so the rarely taken, deep paths (a send goes through the
-                // router and the store) do not grow every idle connection's task.
-                incoming = self.socket.next(), if pending < MAX_PENDING_FRAMES => {
-                    Box::pin(self.on_incoming(incoming)).await
-                }
-                Some(result) = next_result(&mut self.pending), if pending > 0 => {
-                    Box::pin(self.reply_to_frame(result)).await
-                }
-                () = &mut notified => {
-                    notified.set(signals.notify.notified());
-                    self.on_signals(&signals).await
-                }
-                result = std::future::ready(()), if wants_backlog => {
-                    let () = result;
-                    Box::pin(self.send_backlog_page()).await
-                }
-            };
-            if let Err(closing) = step {
+            let event = std::future::poll_fn(|cx| self.poll_event(timer.as_mut(), cx)).await;
+            if let Err(closing) = self.handle(event).await {
                 return closing;
             }
             let deadline = self.timers.next_deadline(self.backlog_retry_at);
@@ -286,6 +296,67 @@ impl Connection {
         }
     }
 
+    /// Starts the handler of an event. Each handler is boxed, so the deep
+    /// paths (a send goes through the router and the store) do not grow
+    /// every idle connection's task. The event moves into the box, so it
+    /// does not stay in the task while the handler runs.
+    fn handle(
+        &mut self,
+        event: Event,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Closing>> + Send + '_>> {
+        match event {
+            Event::Shutdown => Box::pin(std::future::ready(Err(Closing::new(
+                close_code::GOING_AWAY,
+                "server shutting down",
+            )))),
+            Event::Timer => Box::pin(self.on_timer()),
+            Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)),
+            Event::Reply(result) => Box::pin(self.reply_to_frame(result)),
+            Event::Signals => Box::pin(self.on_signals()),
+            Event::Backlog => Box::pin(self.send_backlog_page()),
+        }
+    }
+
+    /// Polls the connection's sources in priority order and returns the
+    /// first that is ready: shutdown, timer, client frame, reply to a
+    /// pending frame, hub signals, then the backlog while catching up.
+    ///
+    /// A hand-written poll instead of `tokio::select!`, because the macro
+    /// keeps its futures and its output in the task's state across every
+    /// await of the loop.
+    fn poll_event(
+        &mut self,
+        timer: Pin<&mut tokio::time::Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Event> {
+        // The server wakes every connection through the hub after it
+        // cancels the token, so checking the token here is enough.
+        if self.shutdown.is_cancelled() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        if timer.poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        let pending = self.pending_count();
+        if pending < MAX_PENDING_FRAMES
+            && let Poll::Ready(incoming) = self.socket.poll_next_unpin(cx)
+        {
+            return Poll::Ready(Event::Incoming(incoming));
+        }
+        if let Some(pending) = self.pending.as_mut()
+            && let Poll::Ready(Some(result)) = pending.results.poll_next_unpin(cx)
+        {
+            return Poll::Ready(Event::Reply(result));
+        }
+        if self.registration.signals.poll_changed(cx).is_ready() {
+            return Poll::Ready(Event::Signals);
+        }
+        if self.catching_up && self.window_room() > 0 {
+            return Poll::Ready(Event::Backlog);
+        }
+        Poll::Pending
+    }
+
     /// Handles every timer that is due: token expiry, ping, resync and the
     /// backlog retry.
     async fn on_timer(&mut self) -> Result<(), Closing> {
@@ -293,7 +364,7 @@ impl Connection {
         if now >= self.timers.token_deadline {
             return Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"));
         }
-        let websocket = &self.state.app.config.websocket;
+        let websocket = &self.config.websocket;
         let (ping_interval, resync_interval) = (websocket.ping_interval, websocket.resync_interval);
         if now >= self.timers.next_ping {
             self.timers.next_ping = now + ping_interval;
@@ -317,15 +388,14 @@ impl Connection {
     }
 
     fn window_room(&self) -> usize {
-        self.state
-            .app
-            .config
+        self.config
             .websocket
             .max_unacked
             .saturating_sub(self.in_flight.len())
     }
 
-    async fn on_signals(&mut self, signals: &Signals) -> Result<(), Closing> {
+    async fn on_signals(&mut self) -> Result<(), Closing> {
+        let signals = Arc::clone(&self.registration.signals);
         self.apply_ack(signals.acked.load(Ordering::Acquire));
         if signals.lagged.swap(false, Ordering::AcqRel) {
             self.catching_up = true;
@@ -337,10 +407,7 @@ impl Connection {
         if live.is_empty() {
             return Ok(());
         }
-        // Boxed, like the other deep paths, so the write futures do not
-        // grow every idle connection's task. It costs one allocation per
-        // batch of live messages.
-        Box::pin(self.send_live(live)).await
+        self.send_live(live).await
     }
 
     /// Forgets in-flight seqs that are no longer stored, after an ack by
@@ -349,11 +416,11 @@ impl Connection {
         let (Some(&first), Some(&last)) = (self.in_flight.front(), self.in_flight.back()) else {
             return;
         };
-        let max_envelope = self.state.app.config.limits.max_envelope_bytes;
+        let max_envelope = self.config.limits.max_envelope_bytes;
         let limit = ((last - first + 1) as usize)
-            .min(self.state.app.config.websocket.max_unacked)
+            .min(self.config.websocket.max_unacked)
             .min(crate::api::messages::page_messages(max_envelope));
-        let router = &self.state.app.router;
+        let router = &self.router;
         let Ok(stored) = router
             .read(self.registration.user(), first - 1, limit)
             .await
@@ -403,14 +470,12 @@ impl Connection {
     }
 
     async fn send_backlog_page(&mut self) -> Result<(), Closing> {
-        let max_envelope = self.state.app.config.limits.max_envelope_bytes;
+        let max_envelope = self.config.limits.max_envelope_bytes;
         let limit = self
             .window_room()
             .min(BACKLOG_PAGE)
             .min(crate::api::messages::page_messages(max_envelope));
         let messages = match self
-            .state
-            .app
             .router
             .read(self.registration.user(), self.sent_through, limit)
             .await
@@ -533,7 +598,7 @@ impl Connection {
 
     /// Starts an ack through the router; the window opens when it succeeds.
     fn on_ack(&mut self, up_to_seq: u64) {
-        let router = std::sync::Arc::clone(&self.state.app.router);
+        let router = Arc::clone(&self.router);
         let user = self.registration.user().clone();
         let future =
             async move { FrameResult::Ack(router.ack(&user, AckTarget::UpTo(up_to_seq)).await) };
@@ -559,9 +624,7 @@ impl Connection {
         future: impl Future<Output = FrameResult> + Send + 'static,
         frame: PendingFrame,
     ) {
-        let result: PendingFuture = if self.state.app.config.message_store.kind
-            == StoreKind::Postgres
-        {
+        let result: PendingFuture = if self.config.message_store.kind == StoreKind::Postgres {
             let task = tokio::spawn(future);
             let is_send = matches!(frame, PendingFrame::Send { .. });
             Box::pin(async move {
@@ -606,7 +669,7 @@ impl Connection {
             self.reply_to_frame(result).await?;
         }
 
-        let router = std::sync::Arc::clone(&self.state.app.router);
+        let router = Arc::clone(&self.router);
         let user = self.registration.user().clone();
         let future = async move { FrameResult::Send(router.accept(&user, envelope).await) };
         self.push_pending(
@@ -694,7 +757,7 @@ impl Connection {
 
     /// Queues a frame; a socket that stays full for `write_timeout` is a slow consumer.
     async fn write(&mut self, message: Message) -> Result<(), Closing> {
-        let timeout = self.state.app.config.websocket.write_timeout;
+        let timeout = self.config.websocket.write_timeout;
         match tokio::time::timeout(timeout, self.socket.feed(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::gone()),
@@ -703,7 +766,7 @@ impl Connection {
     }
 
     async fn flush(&mut self) -> Result<(), Closing> {
-        let timeout = self.state.app.config.websocket.write_timeout;
+        let timeout = self.config.websocket.write_timeout;
         match tokio::time::timeout(timeout, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::gone()),
