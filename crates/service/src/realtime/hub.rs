@@ -162,7 +162,11 @@ impl Hub {
             return Err(RegisterError::InstanceFull);
         }
         let mut shard = self.shard(user).lock().expect("hub lock poisoned");
-        let slots = shard.entry(user.clone()).or_default();
+        // Most users hold one connection, and the first push of a `Vec`
+        // would reserve room for four.
+        let slots = shard
+            .entry(user.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         if slots.len() >= self.max_per_user {
             drop(shard);
             self.open.fetch_sub(1, Ordering::AcqRel);
