@@ -5,6 +5,7 @@
 //! user, and addresses compare case-sensitively in their canonical form.
 
 use std::fmt;
+use std::sync::Arc;
 
 /// The URN prefix of every user address.
 pub const USER_URN_PREFIX: &str = "urn:sm:user:";
@@ -42,8 +43,12 @@ impl fmt::Display for AddressError {
 impl std::error::Error for AddressError {}
 
 /// A validated user address in canonical form, `urn:sm:user:<id>`.
+///
+/// Clones share one allocation, because a connected user's address is kept
+/// by the connection, the hub and presence, and cloned for every message
+/// on its way through the router.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Address(String);
+pub struct Address(Arc<str>);
 
 impl Address {
     /// Parses an address or a bare user id.
@@ -63,7 +68,7 @@ impl Address {
         let mut canonical = String::with_capacity(USER_URN_PREFIX.len() + id.len());
         canonical.push_str(USER_URN_PREFIX);
         canonical.push_str(id);
-        Ok(Self(canonical))
+        Ok(Self(canonical.into()))
     }
 
     /// The canonical `urn:sm:user:<id>` form.

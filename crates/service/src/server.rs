@@ -124,6 +124,14 @@ impl Server {
                     }
                 }
             });
+            // Connections check the token only when woken, so the hub wakes
+            // them all once it is cancelled.
+            let waker = hub.clone();
+            let stop = shutdown.clone();
+            background.spawn(async move {
+                stop.cancelled().await;
+                waker.wake_all();
+            });
             let state = RealtimeState {
                 app: app.clone(),
                 hub,

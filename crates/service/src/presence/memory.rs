@@ -12,7 +12,10 @@ use super::{InstanceId, Presence, PresenceError};
 /// Presence held in this process's memory.
 #[derive(Debug, Default)]
 pub struct MemoryPresence {
-    users: Mutex<HashMap<Address, HashMap<InstanceId, usize>>>,
+    /// Connection counts per instance, for each user. A list rather than a
+    /// map, because a user is usually on one or two instances, and a map
+    /// allocates room for four entries at its first insert.
+    users: Mutex<HashMap<Address, Vec<(InstanceId, usize)>>>,
 }
 
 impl MemoryPresence {
@@ -27,7 +30,13 @@ impl Presence for MemoryPresence {
     async fn register(&self, user: &Address, instance: &InstanceId) -> Result<(), PresenceError> {
         let mut users = self.users.lock().expect("presence lock poisoned");
         let instances = users.entry(user.clone()).or_default();
-        *instances.entry(instance.clone()).or_default() += 1;
+        match instances.iter_mut().find(|(id, _)| id == instance) {
+            Some((_, count)) => *count += 1,
+            None => {
+                instances.reserve_exact(1);
+                instances.push((instance.clone(), 1));
+            }
+        }
         Ok(())
     }
 
@@ -36,10 +45,10 @@ impl Presence for MemoryPresence {
         let Some(instances) = users.get_mut(user) else {
             return Ok(());
         };
-        if let Some(count) = instances.get_mut(instance) {
-            *count -= 1;
-            if *count == 0 {
-                instances.remove(instance);
+        if let Some(index) = instances.iter().position(|(id, _)| id == instance) {
+            instances[index].1 -= 1;
+            if instances[index].1 == 0 {
+                instances.swap_remove(index);
             }
         }
         if instances.is_empty() {
@@ -52,7 +61,7 @@ impl Presence for MemoryPresence {
         let users = self.users.lock().expect("presence lock poisoned");
         Ok(users
             .get(user)
-            .map(|instances| instances.keys().cloned().collect())
+            .map(|instances| instances.iter().map(|(id, _)| id.clone()).collect())
             .unwrap_or_default())
     }
 

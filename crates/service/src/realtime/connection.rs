@@ -11,23 +11,26 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::stream::{FuturesOrdered, SplitSink, SplitStream};
+use futures_util::stream::FuturesOrdered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use routing_protocol::frame::{close_code, message_frame_json};
 use routing_protocol::{Address, ClientFrame, ErrorCode, ServerFrame};
+use tokio_util::sync::CancellationToken;
 
 use super::RealtimeState;
-use super::hub::{LiveMessage, Registration, Signals};
+use super::hub::{LiveMessage, Registration};
 use crate::auth::Identity;
-use crate::config::StoreKind;
+use crate::config::{Config, StoreKind};
 use crate::error::ApiError;
 use crate::mailbox::AckTarget;
-use crate::presence::LOOKUP_CACHE_TTL;
-use crate::router::{Accepted, format_received_at, unix_millis};
+use crate::presence::{InstanceId, LOOKUP_CACHE_TTL};
+use crate::router::{Accepted, Router, format_received_at, unix_millis};
 use crate::telemetry;
 
 /// The latest token-expiry deadline a connection sets; a later `exp` is
@@ -117,32 +120,34 @@ enum DeliveryPath {
     Backlog,
 }
 
+/// A source that is ready, handled next by the connection loop.
+enum Event {
+    Shutdown,
+    Timer,
+    Incoming(Option<Result<Message, axum::Error>>),
+    Reply(FrameResult),
+    Signals,
+    Backlog,
+}
+
 /// The deadlines a connection waits for besides its socket and signals,
-/// served by one timer.
+/// served by one timer. The intervals are read from the configuration.
 struct Timers {
     /// When the token's `exp` passes.
     token_deadline: tokio::time::Instant,
     next_ping: tokio::time::Instant,
-    ping_interval: Duration,
     next_resync: tokio::time::Instant,
-    resync_interval: Duration,
 }
 
 impl Timers {
-    fn new(
-        token_deadline: tokio::time::Instant,
-        ping_interval: Duration,
-        resync_interval: Duration,
-    ) -> Self {
+    fn new(token_deadline: tokio::time::Instant, ping_interval: Duration) -> Self {
         let now = tokio::time::Instant::now();
         Self {
             token_deadline,
             next_ping: now + ping_interval,
-            ping_interval,
             // The first resync catches messages routed with a cached
             // presence lookup from before this connection registered.
             next_resync: now + LOOKUP_CACHE_TTL + RESYNC_MARGIN,
-            resync_interval,
         }
     }
 
@@ -208,10 +213,21 @@ impl OutOfOrder {
     }
 }
 
+/// Everything a connection keeps while it is open. Its task's future
+/// contains this struct once, next to the timer. The socket is not split, because a
+/// split moves it behind a shared lock of its own. The user is read from
+/// the registration, and the connection id is formatted only where it is
+/// sent or logged.
 struct Connection {
-    state: RealtimeState,
-    user: Address,
-    sink: SplitSink<WebSocket, Message>,
+    socket: WebSocket,
+    registration: Registration,
+    router: Arc<Router>,
+    config: Arc<Config>,
+    instance_id: InstanceId,
+    /// Checked whenever the connection wakes. The server wakes every
+    /// connection through the hub after cancelling it.
+    shutdown: CancellationToken,
+    timers: Timers,
     /// Created at the first `send` or `ack`, so idle connections do not carry it.
     pending: Option<Box<PendingFrames>>,
     /// Seqs written and not yet acknowledged, oldest first.
@@ -229,27 +245,26 @@ struct Connection {
 
 /// Runs a connection until the client leaves, the token expires, or the
 /// server shuts down.
-pub async fn run(
+pub fn run(
     socket: WebSocket,
     identity: Identity,
     registration: Registration,
     state: RealtimeState,
-) {
-    let connection_id = format!("{}-{}", state.instance_id, registration.id());
-    let user = identity.user.clone();
-    let (sink, mut stream) = socket.split();
-
-    metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
-    let presence = state.app.router.presence().clone();
-    if let Err(err) = presence.register(&user, &state.instance_id).await {
-        tracing::warn!(error = %err, "presence register failed; live delivery to this connection may lag");
-    }
-    tracing::debug!(user = %user, connection_id, "connection opened");
-
+) -> impl Future<Output = ()> + Send + 'static {
+    // The leeway applies when a token is checked, not here: the contract
+    // closes the connection when `exp` passes on this server's clock.
+    let timers = Timers::new(
+        deadline_at(identity.expires_at),
+        state.app.config.websocket.ping_interval,
+    );
     let mut connection = Connection {
-        state: state.clone(),
-        user: user.clone(),
-        sink,
+        socket,
+        registration,
+        router: state.app.router,
+        config: state.app.config,
+        instance_id: state.instance_id,
+        shutdown: state.shutdown,
+        timers,
         pending: None,
         in_flight: VecDeque::new(),
         sent_through: 0,
@@ -260,98 +275,166 @@ pub async fn run(
         backlog_retry_at: None,
         out_of_order: None,
     };
-    let closing = connection
-        .serve(&mut stream, registration, &identity, &connection_id)
-        .await;
-    connection.close(closing, &mut stream).await;
-
-    if let Err(err) = presence.unregister(&user, &state.instance_id).await {
-        tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
+    // An async block that captures the connection keeps it in place, while
+    // an `async fn` taking `mut self` would hold a second copy of it.
+    async move {
+        connection.open().await;
+        let closing = connection.serve().await;
+        // Boxed, because closing runs once and its write futures are large.
+        Box::pin(connection.close(closing)).await;
+        connection.finish().await;
     }
-    metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
-    tracing::debug!(user = %user, connection_id, "connection closed");
 }
 
 impl Connection {
-    async fn serve(
-        &mut self,
-        stream: &mut SplitStream<WebSocket>,
-        registration: Registration,
-        identity: &Identity,
-        connection_id: &str,
-    ) -> Closing {
+    /// Counts the connection and registers its user in presence.
+    async fn open(&mut self) {
+        metrics::gauge!(telemetry::CONNECTIONS_OPEN).increment(1.0);
+        let user = self.registration.user();
+        if let Err(err) = self
+            .router
+            .presence()
+            .register(user, &self.instance_id)
+            .await
+        {
+            tracing::warn!(error = %err, "presence register failed; live delivery to this connection may lag");
+        }
+        tracing::debug!(user = %user, connection_id = self.connection_id(), "connection opened");
+    }
+
+    /// Removes the user from presence and stops counting the connection.
+    async fn finish(&mut self) {
+        let user = self.registration.user();
+        if let Err(err) = self
+            .router
+            .presence()
+            .unregister(user, &self.instance_id)
+            .await
+        {
+            tracing::warn!(error = %err, "presence unregister failed; the entry stays until it expires");
+        }
+        metrics::gauge!(telemetry::CONNECTIONS_OPEN).decrement(1.0);
+        tracing::debug!(user = %user, connection_id = self.connection_id(), "connection closed");
+    }
+
+    /// Formats the id sent in the welcome frame from the instance id and
+    /// the hub-wide id.
+    fn connection_id(&self) -> String {
+        format!("{}-{}", self.instance_id, self.registration.id())
+    }
+
+    /// Writes the welcome frame. The caller boxes this future, so the frame
+    /// and the write futures do not grow the future that every idle
+    /// connection keeps.
+    async fn send_welcome(&mut self) -> Result<(), Closing> {
         let welcome = ServerFrame::Welcome {
-            user_id: self.user.as_str().to_owned(),
-            connection_id: connection_id.to_owned(),
+            user_id: self.registration.user().as_str().to_owned(),
+            connection_id: self.connection_id(),
         };
-        if let Err(closing) = self.write_frame(&welcome).await {
+        self.write_frame(&welcome).await
+    }
+
+    async fn serve(&mut self) -> Closing {
+        if let Err(closing) = Box::pin(self.send_welcome()).await {
             return closing;
         }
 
-        // The leeway applies when a token is checked, not here: the contract
-        // closes the connection when `exp` passes on this server's clock.
-        let mut timers = Timers::new(
-            deadline_at(identity.expires_at),
-            self.state.app.config.websocket.ping_interval,
-            self.state.app.config.websocket.resync_interval,
-        );
-        // One timer and one shutdown waiter stay registered across the loop,
-        // so a delivered message does not register and remove them again.
-        let timer = tokio::time::sleep_until(timers.next_deadline(None, None));
-        let shutdown = self.state.shutdown.clone();
-        let cancelled = shutdown.cancelled();
-        let signals = registration.signals.clone();
-        let notified = signals.notify.notified();
-        tokio::pin!(timer, cancelled, notified);
+        // One timer stays registered across the loop, so a delivered
+        // message does not register and remove it again.
+        let timer = tokio::time::sleep_until(self.timers.next_deadline(None, None));
+        tokio::pin!(timer);
 
         loop {
-            let wants_backlog = self.catching_up && self.window_room() > 0;
-            let pending = self.pending_count();
-            let step = tokio::select! {
-                biased;
-                () = &mut cancelled => Err(Closing::new(close_code::GOING_AWAY, "server shutting down")),
-                () = &mut timer => Box::pin(self.on_timer(&mut timers)).await,
-                // Boxed, so the rarely taken, deep paths (a send goes through the
-                // router and the store) do not grow every idle connection's task.
-                incoming = stream.next(), if pending < MAX_PENDING_FRAMES => {
-                    Box::pin(self.on_incoming(incoming)).await
-                }
-                Some(result) = next_result(&mut self.pending), if pending > 0 => {
-                    Box::pin(self.reply_to_ready_frames(result)).await
-                }
-                () = &mut notified => {
-                    notified.set(signals.notify.notified());
-                    self.on_signals(&signals).await
-                }
-                result = std::future::ready(()), if wants_backlog => {
-                    let () = result;
-                    Box::pin(self.send_backlog_page()).await
-                }
-            };
-            if let Err(closing) = step {
+            let event = std::future::poll_fn(|cx| self.poll_event(timer.as_mut(), cx)).await;
+            if let Err(closing) = self.handle(event).await {
                 return closing;
             }
             let gap_deadline = self.out_of_order.as_ref().map(|early| early.deadline);
-            let deadline = timers.next_deadline(self.backlog_retry_at, gap_deadline);
+            let deadline = self
+                .timers
+                .next_deadline(self.backlog_retry_at, gap_deadline);
             if timer.is_elapsed() || timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
         }
     }
 
+    /// Starts the handler of an event. Each handler is boxed, so the deep
+    /// paths (a send goes through the router and the store) do not grow
+    /// every idle connection's task. The event moves into the box, so it
+    /// does not stay in the task while the handler runs.
+    fn handle(
+        &mut self,
+        event: Event,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Closing>> + Send + '_>> {
+        match event {
+            Event::Shutdown => Box::pin(std::future::ready(Err(Closing::new(
+                close_code::GOING_AWAY,
+                "server shutting down",
+            )))),
+            Event::Timer => Box::pin(self.on_timer()),
+            Event::Incoming(incoming) => Box::pin(self.on_incoming(incoming)),
+            Event::Reply(result) => Box::pin(self.reply_to_ready_frames(result)),
+            Event::Signals => Box::pin(self.on_signals()),
+            Event::Backlog => Box::pin(self.send_backlog_page()),
+        }
+    }
+
+    /// Polls the connection's sources in priority order and returns the
+    /// first that is ready: shutdown, timer, client frame, reply to a
+    /// pending frame, hub signals, then the backlog while catching up.
+    ///
+    /// A hand-written poll instead of `tokio::select!`, because the macro
+    /// keeps its futures and its output in the task's state across every
+    /// await of the loop.
+    fn poll_event(
+        &mut self,
+        timer: Pin<&mut tokio::time::Sleep>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Event> {
+        // The server wakes every connection through the hub after it
+        // cancels the token, so checking the token here is enough.
+        if self.shutdown.is_cancelled() {
+            return Poll::Ready(Event::Shutdown);
+        }
+        if timer.poll(cx).is_ready() {
+            return Poll::Ready(Event::Timer);
+        }
+        let pending = self.pending_count();
+        if pending < MAX_PENDING_FRAMES
+            && let Poll::Ready(incoming) = self.socket.poll_next_unpin(cx)
+        {
+            return Poll::Ready(Event::Incoming(incoming));
+        }
+        if let Some(pending) = self.pending.as_mut()
+            && let Poll::Ready(Some(result)) = pending.results.poll_next_unpin(cx)
+        {
+            return Poll::Ready(Event::Reply(result));
+        }
+        if self.registration.signals.poll_changed(cx).is_ready() {
+            return Poll::Ready(Event::Signals);
+        }
+        if self.catching_up && self.window_room() > 0 {
+            return Poll::Ready(Event::Backlog);
+        }
+        Poll::Pending
+    }
+
     /// Handles every timer that is due: token expiry, ping, resync and the
     /// backlog retry.
-    async fn on_timer(&mut self, timers: &mut Timers) -> Result<(), Closing> {
+    async fn on_timer(&mut self) -> Result<(), Closing> {
         let now = tokio::time::Instant::now();
-        if now >= timers.token_deadline {
+        if now >= self.timers.token_deadline {
             return Err(Closing::new(close_code::TOKEN_EXPIRED, "token expired"));
         }
-        if now >= timers.next_ping {
-            timers.next_ping = now + timers.ping_interval;
-            self.on_ping_tick(timers.ping_interval).await?;
+        let websocket = &self.config.websocket;
+        let (ping_interval, resync_interval) = (websocket.ping_interval, websocket.resync_interval);
+        if now >= self.timers.next_ping {
+            self.timers.next_ping = now + ping_interval;
+            self.on_ping_tick(ping_interval).await?;
         }
-        if now >= timers.next_resync {
-            timers.next_resync = now + timers.resync_interval;
+        if now >= self.timers.next_resync {
+            self.timers.next_resync = now + resync_interval;
             // An ack event lost on the bus leaves the window full, so the
             // resync also rechecks what is still in flight.
             self.drop_deleted_in_flight().await;
@@ -378,15 +461,14 @@ impl Connection {
     }
 
     fn window_room(&self) -> usize {
-        self.state
-            .app
-            .config
+        self.config
             .websocket
             .max_unacked
             .saturating_sub(self.in_flight.len())
     }
 
-    async fn on_signals(&mut self, signals: &Signals) -> Result<(), Closing> {
+    async fn on_signals(&mut self) -> Result<(), Closing> {
+        let signals = Arc::clone(&self.registration.signals);
         self.apply_ack(signals.acked.load(Ordering::Acquire));
         if signals.lagged.swap(false, Ordering::AcqRel) {
             self.catching_up = true;
@@ -398,10 +480,7 @@ impl Connection {
         if live.is_empty() {
             return Ok(());
         }
-        // Boxed, like the other deep paths, so the write futures do not
-        // grow every idle connection's task. It costs one allocation per
-        // batch of live messages.
-        Box::pin(self.send_live(live)).await
+        self.send_live(live).await
     }
 
     /// Forgets in-flight seqs that are no longer stored, after an ack by
@@ -410,12 +489,15 @@ impl Connection {
         let (Some(&first), Some(&last)) = (self.in_flight.front(), self.in_flight.back()) else {
             return;
         };
-        let max_envelope = self.state.app.config.limits.max_envelope_bytes;
+        let max_envelope = self.config.limits.max_envelope_bytes;
         let limit = ((last - first + 1) as usize)
-            .min(self.state.app.config.websocket.max_unacked)
+            .min(self.config.websocket.max_unacked)
             .min(crate::api::messages::page_messages(max_envelope));
-        let router = &self.state.app.router;
-        let Ok(stored) = router.read(&self.user, first - 1, limit).await else {
+        let router = &self.router;
+        let Ok(stored) = router
+            .read(self.registration.user(), first - 1, limit)
+            .await
+        else {
             // The window stays as it is until the next ack or resync.
             return;
         };
@@ -494,16 +576,14 @@ impl Connection {
         // Out-of-order messages are stored, so reading on to the end of the
         // mailbox delivers them too.
         self.out_of_order = None;
-        let max_envelope = self.state.app.config.limits.max_envelope_bytes;
+        let max_envelope = self.config.limits.max_envelope_bytes;
         let limit = self
             .window_room()
             .min(BACKLOG_PAGE)
             .min(crate::api::messages::page_messages(max_envelope));
         let messages = match self
-            .state
-            .app
             .router
-            .read(&self.user, self.sent_through, limit)
+            .read(self.registration.user(), self.sent_through, limit)
             .await
         {
             Ok(messages) => messages,
@@ -624,8 +704,8 @@ impl Connection {
 
     /// Starts an ack through the router; the window opens when it succeeds.
     fn on_ack(&mut self, up_to_seq: u64) {
-        let router = std::sync::Arc::clone(&self.state.app.router);
-        let user = self.user.clone();
+        let router = Arc::clone(&self.router);
+        let user = self.registration.user().clone();
         let future =
             async move { FrameResult::Ack(router.ack(&user, AckTarget::UpTo(up_to_seq)).await) };
         self.push_pending(future, PendingFrame::Ack { up_to_seq });
@@ -650,9 +730,7 @@ impl Connection {
         future: impl Future<Output = FrameResult> + Send + 'static,
         frame: PendingFrame,
     ) {
-        let result: PendingFuture = if self.state.app.config.message_store.kind
-            == StoreKind::Postgres
-        {
+        let result: PendingFuture = if self.config.message_store.kind == StoreKind::Postgres {
             let task = tokio::spawn(future);
             let is_send = matches!(frame, PendingFrame::Send { .. });
             Box::pin(async move {
@@ -702,8 +780,8 @@ impl Connection {
             self.flush().await?;
         }
 
-        let router = std::sync::Arc::clone(&self.state.app.router);
-        let user = self.user.clone();
+        let router = Arc::clone(&self.router);
+        let user = self.registration.user().clone();
         let future = async move { FrameResult::Send(router.accept(&user, envelope).await) };
         self.push_pending(
             future,
@@ -826,8 +904,8 @@ impl Connection {
 
     /// Queues a frame; a socket that stays full for `write_timeout` is a slow consumer.
     async fn write(&mut self, message: Message) -> Result<(), Closing> {
-        let timeout = self.state.app.config.websocket.write_timeout;
-        match tokio::time::timeout(timeout, self.sink.feed(message)).await {
+        let timeout = self.config.websocket.write_timeout;
+        match tokio::time::timeout(timeout, self.socket.feed(message)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::gone()),
             Err(_) => Err(Closing::new(close_code::SLOW_CONSUMER, "slow consumer")),
@@ -835,8 +913,8 @@ impl Connection {
     }
 
     async fn flush(&mut self) -> Result<(), Closing> {
-        let timeout = self.state.app.config.websocket.write_timeout;
-        match tokio::time::timeout(timeout, self.sink.flush()).await {
+        let timeout = self.config.websocket.write_timeout;
+        match tokio::time::timeout(timeout, self.socket.flush()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Closing::gone()),
             Err(_) => Err(Closing::new(close_code::SLOW_CONSUMER, "slow consumer")),
@@ -847,7 +925,7 @@ impl Connection {
     /// arrives. Closing the socket with client data unread makes the kernel
     /// send a reset, which discards the close frame before the client reads
     /// its code.
-    async fn close(&mut self, closing: Closing, stream: &mut SplitStream<WebSocket>) {
+    async fn close(&mut self, closing: Closing) {
         if closing.code == 0 {
             return;
         }
@@ -863,12 +941,13 @@ impl Connection {
             code: closing.code,
             reason: Utf8Bytes::from_static(closing.reason),
         };
-        let sent = tokio::time::timeout(CLOSE_TIMEOUT, self.sink.send(Message::Close(Some(frame))));
+        let sent =
+            tokio::time::timeout(CLOSE_TIMEOUT, self.socket.send(Message::Close(Some(frame))));
         if !matches!(sent.await, Ok(Ok(()))) {
             return;
         }
         let _ = tokio::time::timeout(CLOSE_REPLY_TIMEOUT, async {
-            while let Some(Ok(message)) = stream.next().await {
+            while let Some(Ok(message)) = self.socket.next().await {
                 if matches!(message, Message::Close(_)) {
                     break;
                 }

@@ -8,9 +8,11 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
+use std::task::{Context, Poll};
+
 use axum::extract::ws::Utf8Bytes;
+use futures_util::task::AtomicWaker;
 use routing_protocol::Address;
-use tokio::sync::Notify;
 
 use crate::bus::{ACKED_BY_ID, BusEvent};
 
@@ -44,8 +46,13 @@ pub struct Signals {
     /// allocates only when a message arrives, and the connection takes the
     /// whole buffer each time, so an idle connection keeps no queue memory.
     live: Mutex<VecDeque<LiveMessage>>,
-    /// Wakes the connection after `acked`, `lagged` or `live` changed.
-    pub notify: Notify,
+    /// Set after `acked`, `lagged`, `acked_by_id` or `live` changed, and
+    /// cleared when the connection polls it.
+    changed: AtomicBool,
+    /// The connection's task, woken after a change. It is smaller than a
+    /// `Notify` and its waiting future, which every idle connection would
+    /// keep.
+    waker: AtomicWaker,
 }
 
 impl Signals {
@@ -64,7 +71,24 @@ impl Signals {
         if !queued {
             self.lagged.store(true, Ordering::Release);
         }
-        self.notify.notify_one();
+        self.wake();
+    }
+
+    /// Marks a change and wakes the connection.
+    pub fn wake(&self) {
+        self.changed.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Returns ready once for the changes since the last ready poll;
+    /// otherwise the task is woken by the next [`Signals::wake`].
+    pub fn poll_changed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.waker.register(cx.waker());
+        if self.changed.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Takes every queued live message, oldest first.
@@ -138,7 +162,11 @@ impl Hub {
             return Err(RegisterError::InstanceFull);
         }
         let mut shard = self.shard(user).lock().expect("hub lock poisoned");
-        let slots = shard.entry(user.clone()).or_default();
+        // Most users hold one connection, and the first push of a `Vec`
+        // would reserve room for four.
+        let slots = shard
+            .entry(user.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
         if slots.len() >= self.max_per_user {
             drop(shard);
             self.open.fetch_sub(1, Ordering::AcqRel);
@@ -200,8 +228,19 @@ impl Hub {
                     } else {
                         slot.signals.acked.fetch_max(up_to, Ordering::AcqRel);
                     }
-                    slot.signals.notify.notify_one();
+                    slot.signals.wake();
                 });
+            }
+        }
+    }
+
+    /// Wakes every connection, so that each checks the shutdown token, which
+    /// the caller has cancelled.
+    pub fn wake_all(&self) {
+        for shard in &self.shards {
+            let shard = shard.lock().expect("hub lock poisoned");
+            for slot in shard.values().flatten() {
+                slot.signals.wake();
             }
         }
     }

@@ -119,7 +119,12 @@ async fn accept_upgrade(
         .max_message_size(max_message)
         .max_frame_size(max_message)
         .on_upgrade(move |socket| {
-            tasks.track_future(connection::run(socket, identity, registration, state))
+            // The connection runs as a task of its own, so the upgrade
+            // task's captured state, which axum 0.8 keeps until the callback's
+            // future ends, is freed instead of living as long as the
+            // connection.
+            tasks.spawn(connection::run(socket, identity, registration, state));
+            std::future::ready(())
         });
     Ok(response)
 }
