@@ -29,9 +29,11 @@ const FRAME_OVERHEAD_BYTES: usize = 1024;
 const WRITE_BUFFER_BYTES: usize = 16 * 1024;
 /// Bytes of the read buffer that tungstenite 0.29 allocates and fills with
 /// zeros for every connection, idle or not. It is also the maximum size of
-/// one read call, so a smaller buffer costs more calls for large or
-/// pipelined frames.
-const READ_BUFFER_BYTES: usize = 1024;
+/// one read call, so a smaller buffer costs more calls for large frames.
+/// NOTE: 512 instead of 1024 saves about 420 bytes per idle connection and
+/// costs about 5 % more server CPU per 40,000-byte message sent over
+/// WebSocket (measured A/B); small frames showed no difference.
+const READ_BUFFER_BYTES: usize = 512;
 
 /// What the WebSocket server's handlers share.
 #[derive(Clone)]
