@@ -857,7 +857,12 @@ impl Connection {
     async fn reply_to_pending_frames(&mut self) -> Result<(), Closing> {
         let mut replied = false;
         while let Some(result) = next_result(&mut self.pending).await {
-            self.reply_to_frame(result).await?;
+            match self.reply_to_frame(result).await {
+                // The connection is closing already; one more rate-limited
+                // reply must not stop its close frame.
+                Err(closing) if closing.code != close_code::RATE_LIMITED => return Err(closing),
+                _ => {}
+            }
             replied = true;
         }
         // A slow consumer's close comes after a failed flush, so one with

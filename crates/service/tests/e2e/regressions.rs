@@ -153,3 +153,47 @@ async fn unpublished_gap_fills_before_resync() {
         "seq 3 waited for the resync ({waited:?}) instead of the short gap wait"
     );
 }
+
+/// Pipelined sends to many recipients that are all rate limited: the
+/// twentieth in a row closes with 4029, and the replies to the sends still
+/// pending at that moment must not stop the close frame.
+#[tokio::test]
+async fn rate_limited_pipeline_closes_4029() {
+    let app = TestApp::spawn_with(|c| {
+        c.limits.send_burst = 1;
+        c.limits.send_rate_per_second = 1;
+    })
+    .await;
+    let mut alice = connect(&app.client("alice")).await;
+    for index in 0..40 {
+        let frame = ClientFrame::Send {
+            envelope: envelope_with_id(&format!("r{index}"), "dataAA", &format!("m{index}")),
+        };
+        alice.send_frame(&frame).await.unwrap();
+    }
+    let mut limited = 0;
+    loop {
+        match tokio::time::timeout(WAIT, alice.next_event())
+            .await
+            .expect("an event within the wait")
+        {
+            Ok(Event::Frame(ServerFrame::Error { code, .. })) => {
+                assert_eq!(code, routing_protocol::ErrorCode::RateLimited);
+                limited += 1;
+            }
+            Ok(Event::Frame(_)) => {}
+            Ok(Event::Closed(Some((code, _)))) => {
+                assert_eq!(code, routing_protocol::close_code::RATE_LIMITED);
+                break;
+            }
+            other => panic!(
+                "expected a 4029 close frame after {limited} rate-limited replies, got {other:?}"
+            ),
+        }
+    }
+    assert!(
+        limited >= 20,
+        "{limited} rate-limited replies before the close"
+    );
+    app.stop().await;
+}
