@@ -453,9 +453,12 @@ impl Connection {
             .is_some_and(|early| now >= early.deadline)
         {
             // The missing seq was not published to this connection, so it
-            // is read from the mailbox.
+            // is read from the mailbox. After a failed read that waits for
+            // the retry, so a failing store is not read every GAP_WAIT.
             self.out_of_order = None;
-            self.catching_up = true;
+            if self.backlog_retry_at.is_none() {
+                self.catching_up = true;
+            }
         }
         Ok(())
     }
