@@ -184,7 +184,7 @@ impl OutOfOrder {
         }
     }
 
-    /// Adds `message`, or returns false when [`MAX_OUT_OF_ORDER`] messages are kept already.
+    /// Adds `message`, or returns false when the map is full.
     fn insert(&mut self, message: LiveMessage) -> bool {
         if self.messages.len() >= MAX_OUT_OF_ORDER && !self.messages.contains_key(&message.seq) {
             return false;
@@ -341,7 +341,7 @@ impl Connection {
 
         // One timer stays registered across the loop, so a delivered
         // message does not register and remove it again.
-        let timer = tokio::time::sleep_until(self.timers.next_deadline(None, None));
+        let timer = tokio::time::sleep_until(self.next_deadline());
         tokio::pin!(timer);
 
         loop {
@@ -349,14 +349,19 @@ impl Connection {
             if let Err(closing) = self.handle(event).await {
                 return closing;
             }
-            let gap_deadline = self.out_of_order.as_ref().map(|early| early.deadline);
-            let deadline = self
-                .timers
-                .next_deadline(self.backlog_retry_at, gap_deadline);
+            let deadline = self.next_deadline();
             if timer.is_elapsed() || timer.deadline() != deadline {
                 timer.as_mut().reset(deadline);
             }
         }
+    }
+
+    /// Returns when the timer fires next: the earliest of the timers, a
+    /// backlog retry and the wait for a missing seq.
+    fn next_deadline(&self) -> tokio::time::Instant {
+        let gap_deadline = self.out_of_order.as_ref().map(|kept| kept.deadline);
+        self.timers
+            .next_deadline(self.backlog_retry_at, gap_deadline)
     }
 
     /// Starts the handler of an event. Each handler is boxed, so the deep
@@ -450,7 +455,7 @@ impl Connection {
         if self
             .out_of_order
             .as_ref()
-            .is_some_and(|early| now >= early.deadline)
+            .is_some_and(|kept| now >= kept.deadline)
         {
             // The missing seq was not published to this connection, so it
             // is read from the mailbox. After a failed read that waits for
@@ -546,13 +551,13 @@ impl Connection {
                 self.record_sent(message.seq, message.received_at_ms, DeliveryPath::Live);
                 written = true;
                 let seq = self.sent_through + 1;
-                next = self.out_of_order.as_mut().and_then(|early| early.take(seq));
+                next = self.out_of_order.as_mut().and_then(|kept| kept.take(seq));
             }
         }
         let none_waiting = self
             .out_of_order
             .as_ref()
-            .is_some_and(|early| early.is_empty());
+            .is_some_and(|kept| kept.is_empty());
         if self.catching_up || none_waiting {
             // Catching up reads the waiting messages from the mailbox too.
             self.out_of_order = None;
@@ -566,10 +571,10 @@ impl Connection {
     /// Keeps a live message above the next seq, or switches to catching up
     /// when [`MAX_OUT_OF_ORDER`] are kept already.
     fn keep_out_of_order(&mut self, message: LiveMessage) {
-        let early = self.out_of_order.get_or_insert_with(|| {
+        let kept = self.out_of_order.get_or_insert_with(|| {
             Box::new(OutOfOrder::new(tokio::time::Instant::now() + GAP_WAIT))
         });
-        if !early.insert(message) {
+        if !kept.insert(message) {
             self.out_of_order = None;
             self.catching_up = true;
         }
@@ -1024,40 +1029,40 @@ mod tests {
 
     #[test]
     fn out_of_order_takes_in_seq_order() {
-        let mut early = out_of_order();
-        assert!(early.insert(live(5)));
-        assert!(early.insert(live(3)));
-        assert!(early.insert(live(4)));
-        assert!(early.take(2).is_none(), "seq 2 was never inserted");
-        assert_eq!(early.take(3).map(|m| m.seq), Some(3));
-        assert_eq!(early.take(4).map(|m| m.seq), Some(4));
-        assert_eq!(early.take(5).map(|m| m.seq), Some(5));
-        assert!(early.is_empty());
+        let mut kept = out_of_order();
+        assert!(kept.insert(live(5)));
+        assert!(kept.insert(live(3)));
+        assert!(kept.insert(live(4)));
+        assert!(kept.take(2).is_none(), "seq 2 was never inserted");
+        assert_eq!(kept.take(3).map(|m| m.seq), Some(3));
+        assert_eq!(kept.take(4).map(|m| m.seq), Some(4));
+        assert_eq!(kept.take(5).map(|m| m.seq), Some(5));
+        assert!(kept.is_empty());
     }
 
     #[test]
     fn out_of_order_drops_lower_seqs() {
-        let mut early = out_of_order();
-        assert!(early.insert(live(2)));
-        assert!(early.insert(live(7)));
+        let mut kept = out_of_order();
+        assert!(kept.insert(live(2)));
+        assert!(kept.insert(live(7)));
         // Seq 2 arrived from the mailbox meanwhile, so the next expected is 7.
-        assert_eq!(early.take(7).map(|m| m.seq), Some(7));
+        assert_eq!(kept.take(7).map(|m| m.seq), Some(7));
         assert!(
-            early.is_empty(),
+            kept.is_empty(),
             "seq 2 is below the expected seq and is dropped"
         );
     }
 
     #[test]
     fn out_of_order_rejects_past_bound() {
-        let mut early = out_of_order();
+        let mut kept = out_of_order();
         for seq in 0..MAX_OUT_OF_ORDER as u64 {
-            assert!(early.insert(live(10 + seq)));
+            assert!(kept.insert(live(10 + seq)));
         }
         assert!(
-            !early.insert(live(1_000)),
+            !kept.insert(live(1_000)),
             "one more than MAX_OUT_OF_ORDER is rejected"
         );
-        assert!(early.insert(live(10)), "a seq already kept replaces itself");
+        assert!(kept.insert(live(10)), "a seq already kept replaces itself");
     }
 }

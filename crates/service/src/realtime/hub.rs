@@ -7,7 +7,6 @@ use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-
 use std::task::{Context, Poll};
 
 use axum::extract::ws::Utf8Bytes;
@@ -75,7 +74,7 @@ impl Signals {
     }
 
     /// Marks a change and wakes the connection.
-    pub fn wake(&self) {
+    fn wake(&self) {
         self.changed.store(true, Ordering::Release);
         self.waker.wake();
     }
@@ -162,7 +161,7 @@ impl Hub {
             return Err(RegisterError::InstanceFull);
         }
         let mut shard = self.shard(user).lock().expect("hub lock poisoned");
-        // Most users hold one connection, and the first push of a `Vec`
+        // Most users have one connection, and the first push of a `Vec`
         // would reserve room for four.
         let slots = shard
             .entry(user.clone())
